@@ -23,13 +23,14 @@ def base():
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_attack_crafts(name, base):
     attack = ATTACKS.get(name)
-    store = attack.craft(base, {}, seed=0)
-    again = attack.craft(base, {}, seed=0)
+    store = attack.craft(base, attack.smoke, seed=0)
+    again = attack.craft(base, attack.smoke, seed=0)
+    assert torch.equal(store.labels, base.labels[store.index])  # clean-label
     assert store.images.dtype == torch.uint8 and store.index.dtype == torch.int64
     assert torch.equal(store.images, again.images)  # deterministic in the seed
     store.verify(base)  # within its declared budget
     if store.index.numel():
-        other = attack.craft(base, {}, seed=1)
+        other = attack.craft(base, attack.smoke, seed=1)
         assert not torch.equal(store.images, other.images)
 
 

@@ -49,3 +49,14 @@ def add_levels(clean: torch.Tensor, levels: torch.Tensor, chunk: int = 512) -> t
         acc += lv
         out[part] = acc.clamp_(0, 255)
     return out
+
+
+def round_linf(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Round ``delta`` (pixel units) to int16 levels within the ℓ∞ budget ``eps``.
+
+    Levels keep their sign: they are added to the uint8 images in int16 by
+    ``add_levels``. (Casting a negative perturbation to uint8 before adding it wraps
+    it around to a large positive one, a known pitfall of unlearnable-examples code.)
+    """
+    bound = int(eps * 255 + 1e-6)
+    return torch.round(delta * 255).clamp_(-bound, bound).to(torch.int16)

@@ -37,3 +37,27 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Ge
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels → float in [0, 1] (pixel space; normalisation is the model's job)."""
     return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def translate_flip(images: torch.Tensor, max_shift: int = 4, generator: torch.Generator | None = None,
+                   flip: bool = True) -> torch.Tensor:
+    """Differentiable augmentation for crafting: a random translation of up to
+    ``max_shift`` pixels per axis (continuous, bilinear, zeros coming in as in zero
+    padding) and a 50% horizontal flip, through ``grid_sample``.
+
+    This is the augmentation attacks back-propagate through while crafting (Geiping
+    et al. 2021 / Fowl et al. 2021b, "differentiable data augmentation"): the gradient
+    reaches every pixel that was moved, not only a gathered subset.
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    shifts = (torch.rand(n, 2, generator=generator, device=device) * 2 - 1) * max_shift
+    flips = torch.rand(n, generator=generator, device=device) < 0.5 if flip else torch.zeros(n, dtype=torch.bool, device=device)
+    theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
+    theta[:, 0, 0] = torch.where(flips, -1.0, 1.0)
+    theta[:, 1, 1] = 1.0
+    # affine_grid works in [-1, 1] coordinates: a shift of s pixels is 2s / size.
+    theta[:, 0, 2] = shifts[:, 0] * 2 / w
+    theta[:, 1, 2] = shifts[:, 1] * 2 / h
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

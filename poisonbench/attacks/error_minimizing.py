@@ -1,0 +1,184 @@
+"""``error_minimizing``: unlearnable examples (Huang et al., ICLR 2021), sample-wise and
+class-wise; the shortcuts paper's Tables 1, 2, 4–7 use its perturbations.
+
+Bi-level min-min optimisation (the shortcuts paper, Eq. 2): a randomly initialised
+crafting model is trained for ``train_steps`` steps on the perturbed data, then the
+perturbations take ``steps`` signed-gradient steps of size ``step_size`` that *lower*
+the model's loss, inside the ℓ∞ ball of radius ``eps``; the rounds repeat until the
+model's accuracy on the perturbed data reaches ``stop_accuracy``. Defaults are the
+authors' README commands (github.com/HanxunH/Unlearnable-Examples): ℓ∞ 8/255, step
+0.8/255, 20 steps and stop error 0.01 (sample-wise), 1 step and stop error 0.1
+(class-wise), 10 model steps per round, ResNet-18 with SGD lr 0.1, momentum 0.9,
+weight decay 5e-4, batch 512, no augmentation while crafting.
+
+Class-wise: each batch's per-sample updates are averaged per class into that class's
+one perturbation (the authors' ``universal_perturbation``).
+
+Deviations, written down here and in the tables' notes:
+- every round draws its model batches from its own permutation, a function of (seed,
+  round): the authors' loader runs on across rounds. This is what makes a resumed
+  run identical to an uninterrupted one.
+- ``max_rounds`` caps the rounds (the authors loop until the stop criterion holds).
+- the authors' ``stop_error`` is the error rate; here it is ``stop_accuracy`` = 100·(1 − error).
+- crafting runs on one device; the per-sample PGD attacks shard over ranks instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from poisonbench.attacks import crafting
+from poisonbench.attacks.base import params_dict, register_attack
+from poisonbench.attacks.quantize import add_levels, round_linf
+from poisonbench.attacks.surrogate import build_crafting_model
+from poisonbench.data.augment import translate_flip
+from poisonbench.data.imageset import ImageSet
+from poisonbench.data.store import PoisonStore
+
+KINDS = ("samplewise", "classwise")
+
+
+@dataclass(frozen=True)
+class ErrorMinimizingParams:
+    eps: float = 8 / 255  # ℓ∞ radius, pixel units (Huang et al. 2021; shortcuts Table 2)
+    kind: str = "samplewise"  # samplewise | classwise
+    steps: int | None = None  # signed steps per round; None: 20 sample-wise, 1 class-wise (authors' README)
+    step_size: float = 0.8 / 255  # pixel units (authors' README: --step_size 0.8)
+    train_steps: int = 10  # model steps per round (authors' --train_step default)
+    stop_accuracy: float | None = None  # % on the perturbed data; None: 99 sample-wise, 90 class-wise
+    max_rounds: int = 100  # a cap the authors do not have (see the module docstring)
+    batch_size: int = 512  # authors' --train_batch_size default
+    lr: float = 0.1  # crafting model's SGD (authors' configs/cifar10/resnet18.yaml)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    model: str = "resnet18"  # crafting model (the shortcuts paper, Appendix E)
+    model_params: dict = field(default_factory=dict)
+    activation: str = "relu"  # relu | tanh (shortcuts Table 5)
+    augment: bool = False  # the authors craft without augmentation
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps must lie in (0, 1] (pixel units), got {self.eps}")
+        for name in ("train_steps", "max_rounds", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def pgd_steps(self) -> int:
+        return self.steps if self.steps is not None else (20 if self.kind == "samplewise" else 1)
+
+    @property
+    def stop(self) -> float:
+        return self.stop_accuracy if self.stop_accuracy is not None else (99.0 if self.kind == "samplewise" else 90.0)
+
+
+def _perturbed(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return (images + delta).clamp(0.0, 1.0)
+
+
+def _min_min(model, x, y, delta, params: ErrorMinimizingParams, generator) -> torch.Tensor:
+    """``pgd_steps`` signed steps that lower the loss of (x + δ, y); δ stays in its ball."""
+    for _ in range(params.pgd_steps):
+        delta = delta.detach().requires_grad_(True)
+        inputs = _perturbed(x, delta)
+        if params.augment:
+            inputs = translate_flip(inputs, generator=generator)
+        loss = F.cross_entropy(model(inputs), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = crafting.project(crafting.step(delta.detach(), grad, params.step_size, "linf", descend=True),
+                                 x, params.eps, "linf")
+    return delta.detach()
+
+
+SMOKE = {"model": "small_cnn", "model_params": {"width": 4, "pool": 1}, "steps": 2, "train_steps": 2,
+         "max_rounds": 2, "batch_size": 32}
+
+
+@register_attack("error_minimizing", ErrorMinimizingParams, smoke=SMOKE)
+def craft(imageset: ImageSet, params: ErrorMinimizingParams, seed: int, device: torch.device) -> PoisonStore:
+    ctx = crafting.context()
+    n = len(imageset)
+    images = imageset.images.to(device).float().div_(255)
+    labels = imageset.labels.to(device)
+    rows = n if params.kind == "samplewise" else imageset.num_classes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_crafting_model(params.model, imageset.num_classes, params.model_params, params.activation)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,
+                                weight_decay=params.weight_decay)
+    init = crafting.unit_generator(seed, 10**6)
+    delta = ((torch.rand((rows, *images.shape[1:]), generator=init) * 2 - 1) * params.eps).to(device)
+
+    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s)
+    first, accuracy = 0, 0.0
+    resumed = checkpoint.load()
+    if resumed is not None:
+        unit, tensors, extras = resumed
+        delta = tensors["delta"].to(device)
+        crafting.load_module_tensors(model, tensors)
+        crafting.load_optimizer_tensors(optimizer, tensors)
+        first, accuracy = unit + 1, float(extras["accuracy"])
+
+    def sample_delta(index: torch.Tensor) -> torch.Tensor:
+        return delta[index] if params.kind == "samplewise" else delta[labels[index]]
+
+    with crafting.progress("error-minimizing rounds", params.max_rounds) as advance:
+        advance(first)
+        for unit in range(first, params.max_rounds):
+            if accuracy >= params.stop:
+                break
+            gen = crafting.unit_generator(seed, unit)
+            order = torch.randperm(n, generator=gen).to(device)
+            # 1. the crafting model: train_steps steps on the perturbed data.
+            model.train()
+            for step in range(params.train_steps):
+                start = (step * params.batch_size) % n
+                index = order[start:start + params.batch_size]
+                inputs = _perturbed(images[index], sample_delta(index))
+                if params.augment:
+                    inputs = translate_flip(inputs, generator=gen)
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(inputs), labels[index]).backward()
+                optimizer.step()
+            # 2. the perturbations: minimise the loss of the current model.
+            model.eval()
+            model.requires_grad_(False)
+            for start in range(0, n, params.batch_size):
+                index = torch.arange(start, min(start + params.batch_size, n), device=device)
+                x, y = images[index], labels[index]
+                eta = _min_min(model, x, y, sample_delta(index), params, gen)
+                if params.kind == "samplewise":
+                    delta[index] = eta
+                else:  # the mean update of each class's samples, kept inside the ball
+                    for c in torch.unique(y).tolist():
+                        delta[c] = eta[y == c].mean(dim=0).clamp(-params.eps, params.eps)
+            model.requires_grad_(True)
+            # 3. stop when the model fits the perturbed data.
+            correct, loss_sum = 0, 0.0
+            with torch.no_grad():
+                for start in range(0, n, params.batch_size):
+                    index = torch.arange(start, min(start + params.batch_size, n), device=device)
+                    logits = model(_perturbed(images[index], sample_delta(index)))
+                    correct += int((logits.argmax(1) == labels[index]).sum())
+                    loss_sum += float(F.cross_entropy(logits, labels[index], reduction="sum"))
+            accuracy = 100.0 * correct / n
+            advance(1, loss_sum / n)
+            checkpoint.save(unit, {"delta": delta, **crafting.module_tensors(model),
+                                   **crafting.optimizer_tensors(optimizer)}, {"accuracy": accuracy})
+            crafting.finish_unit(unit)
+
+    levels = round_linf(delta.cpu(), params.eps)
+    if params.kind == "classwise":
+        levels = levels[imageset.labels]
+    store = PoisonStore(
+        index=torch.arange(n, dtype=torch.int64), images=add_levels(imageset.images, levels),
+        labels=imageset.labels.clone(), attack="error_minimizing", params=params_dict(params),
+        dataset=imageset.name, base_fingerprint=imageset.fingerprint, norm="linf", eps=params.eps, seed=seed,
+    )
+    checkpoint.remove()
+    return store

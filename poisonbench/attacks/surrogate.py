@@ -1,0 +1,118 @@
+"""Crafting models: networks from the ``MODELS`` registry that attacks optimise against.
+
+``build_crafting_model`` builds one, optionally with every ReLU replaced by Tanh (the
+shortcuts paper, Appendix C / Table 5: "we replace the ReLU layers with Tanh layers
+in the crafting models"). ``trained_model`` trains one on clean data with
+poisonbench's own training (``VictimModule`` and the Lightning trainer factory) and
+caches its weights as safetensors under ``$POISONBENCH_HOME/surrogates/``, keyed by
+the content hash of everything that determines them, so that the targeted and the
+untargeted adversarial poisons of one table share one crafting model.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from poisonbench.data.imageset import ImageSet
+from poisonbench.errors import ConfigError
+from poisonbench.files import atomic_path, canonical_json, home
+from poisonbench.models import build_model
+from poisonbench.models.classifier import ImageClassifier
+
+ACTIVATIONS = ("relu", "tanh")
+
+
+@dataclass(frozen=True)
+class SurrogateRecipe:
+    """How a crafting model is trained on clean data. Defaults: the "conservative" recipe
+    of Geiping et al.'s forest, which adversarial_poisons (Fowl et al. 2021b) uses for
+    its ResNet-18: 40 epochs, batch 128, SGD Nesterov 0.9, lr 0.1 divided by 10 at
+    3/8, 5/8 and 7/8 of training, weight decay 5e-4, random crops and flips."""
+
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] | None = None  # None: 3/8, 5/8, 7/8 of the epochs
+
+    def train_config(self) -> dict:
+        milestones = list(self.milestones) if self.milestones is not None else [
+            self.epochs * 3 // 8, self.epochs * 5 // 8, self.epochs * 7 // 8]
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "optimizer": "sgd", "lr": self.lr,
+                "momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay,
+                "milestones": milestones, "gamma": 0.1, "accelerator": "auto", "devices": 1,
+                "strategy": "auto", "precision": "32", "eval_every": max(self.epochs, 1)}
+
+
+def build_crafting_model(name: str, num_classes: int, model_params: dict | None = None,
+                         activation: str = "relu") -> ImageClassifier:
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    model = build_model(name, num_classes, **dict(model_params or {}))
+    if activation == "tanh":
+        _swap_relu(model)
+    return model
+
+
+def _swap_relu(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, nn.Tanh())
+        else:
+            _swap_relu(child)
+
+
+def _key(imageset: ImageSet, model: str, model_params: dict, activation: str, recipe: SurrogateRecipe,
+         seed: int) -> str:
+    ident = {"dataset": imageset.name, "fingerprint": imageset.fingerprint, "model": model,
+             "model_params": model_params, "activation": activation,
+             "recipe": recipe.train_config(), "seed": int(seed), "version": 1}
+    return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:24]
+
+
+def trained_model(imageset: ImageSet, model: str, model_params: dict | None, activation: str,
+                  recipe: SurrogateRecipe, seed: int, device: torch.device,
+                  progress: bool = False) -> tuple[ImageClassifier, float]:
+    """A crafting model trained on clean ``imageset`` (cached), in eval mode on ``device``.
+
+    Returns the model and the seconds spent training (0 on a cache hit).
+    """
+    from poisonbench.data.module import PoisonedDataModule
+    from poisonbench.training.trainer import build_trainer, quiet_lightning
+    from poisonbench.training.victim import VictimModule
+
+    params = dict(model_params or {})
+    net = build_crafting_model(model, imageset.num_classes, params, activation)
+    path = home() / "surrogates" / f"{_key(imageset, model, params, activation, recipe, seed)}.safetensors"
+    seconds = 0.0
+    if path.is_file():
+        net.load_state_dict(load_file(str(path)))
+    else:
+        import time
+
+        if not progress:
+            quiet_lightning()
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            L.seed_everything(int(seed), verbose=False)
+            net = build_crafting_model(model, imageset.num_classes, params, activation)
+            train = recipe.train_config()
+            if device.type == "cpu":
+                train["accelerator"] = "cpu"
+            module = VictimModule(net, imageset.num_classes, train)
+            # The training images double as the (unused) evaluation set: crafting needs no test data.
+            head = ImageSet(imageset.images[:256], imageset.labels[:256], imageset.classes, imageset.name, imageset.split)
+            data = PoisonedDataModule(imageset, head, None, batch_size=recipe.batch_size, seed=int(seed))
+            build_trainer(train, None, progress_bar=progress).fit(module, datamodule=data)
+        seconds = time.perf_counter() - start
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    return net.to(device).eval(), seconds
+
