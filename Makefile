@@ -6,7 +6,8 @@ PB     := $(VENV)/bin/poisonbench
 PIP    := PIP_FIND_LINKS= $(VENV)/bin/pip
 SMOKE  := .smoke
 
-.PHONY: install test demo smoke table3 leaderboards bench clean
+.PHONY: install test demo smoke pretrain-digits leaderboards bench clean \
+        table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7
 
 install: $(VENV)/.installed
 
@@ -18,8 +19,13 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-demo: install
+demo: install pretrain-digits
 	$(PB) run --suite demo
+
+# The cpu profile's feature extractor (demo/digits-defenses): SimCLR on the digits
+# `aux` split, which is disjoint from the training split. Skipped when it exists.
+pretrain-digits: install
+	$(PB) pretrain simclr --dataset digits --model small_cnn --model-param pool=1 --if-missing
 
 smoke: install
 	rm -rf $(SMOKE)
@@ -27,8 +33,12 @@ smoke: install
 	POISONBENCH_HOME=$(SMOKE)/home $(PB) run --suite all --fast-dev-run --data-root $(SMOKE)/data
 	rm -rf $(SMOKE)
 
-table3: install
-	$(PB) run --table shortcuts/table3
+# One target per table or figure of the shortcuts paper (profile paper: CIFAR and a
+# GPU); add PROFILE=cpu to run the same table on the embedded digits.
+PROFILE ?=
+PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE),)
+table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7: install
+	$(PB) run --table shortcuts/$@ $(PROFILE_ARG)
 
 leaderboards: install
 	$(PB) leaderboard

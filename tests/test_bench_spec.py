@@ -16,6 +16,7 @@ from poisonbench.bench.jobs import (
 from poisonbench.bench.spec import (
     DEFAULTS, load_catalogue, load_profile, load_suite, load_table, profile_names, table_ids,
 )
+from poisonbench.bench.aggregate import aggregate
 from poisonbench.errors import ConfigError, JobError, UnknownNameError
 
 JOB_KEYS = {"table", "row", "column", "trial", "seed", "poison_seed", "profile", "fast_dev_run", *DEFAULTS}
@@ -53,8 +54,8 @@ def mini(tmp_path, text=MINIMAL):
 def test_every_table_loads_and_expands(table):
     spec = load_table(table)
     cells = spec.cells()
-    assert len(cells) == len(spec.rows) * len(spec.columns)
-    assert [(c.row, c.column) for c in cells] == [(r.id, c.id) for r in spec.rows for c in spec.columns]
+    assert len(cells) == len(spec.rows) * len([c for c in spec.columns if not c.best_of])
+    assert [(c.row, c.column) for c in cells] == [(r.id, c.id) for r in spec.rows for c in spec.columns if not c.best_of]
     jobs = expand(spec)
     assert len(jobs) == len(cells) * spec.trials
     assert len({j.hash for j in jobs}) == len(jobs)
@@ -73,7 +74,7 @@ def test_every_table_loads_and_expands(table):
 def test_the_brief_tables_are_present():
     assert {"demo/digits", "shortcuts/table3", "shortcuts/fig7"} <= set(table_ids())
     assert {"cpu", "paper", "quick"} <= set(profile_names())
-    assert load_suite("demo") == ["demo/digits"]
+    assert load_suite("demo") == ["demo/digits", "demo/digits-separability", "demo/digits-defenses"]
     assert load_suite("all") == table_ids()
 
 
@@ -113,7 +114,7 @@ def test_fixed_and_per_trial_poison_seeds():
     spec = load_table("demo/digits")
     assert spec.poison_seed == "fixed"
     fixed = expand(spec)
-    assert {j.config["poison_seed"] for j in fixed} == {derive_seed(spec.id, "poison")}
+    assert {j.config["poison_seed"] for j in fixed} == {derive_seed(spec.paper, "poison")}
     per_trial = expand(dataclasses.replace(spec, poison_seed="per_trial"))
     assert len({j.config["poison_seed"] for j in per_trial}) == len(per_trial)
     assert per_trial[0].config["poison_seed"] == derive_seed(spec.id, "none", "value", 0, "poison")
@@ -223,7 +224,7 @@ def test_ints_widen_to_floats_for_stable_hashes(tmp_path):
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(UnknownNameError, match=r"unknown table 'shortcuts/tabel3' \(did you mean 'shortcuts/table3'\?\); known: .*demo/digits"):
         load_table("shortcuts/tabel3")
-    with pytest.raises(UnknownNameError, match="unknown suite 'demoo'.*known: .*all, demo"):
+    with pytest.raises(UnknownNameError, match="unknown suite 'demoo'.*known: .*all, .*demo"):
         load_suite("demoo")
     with pytest.raises(UnknownNameError, match="unknown profile 'fast'; known: .*cpu, paper, quick"):
         load_profile("fast")
@@ -326,3 +327,51 @@ def test_adhoc_config_lets_the_command_line_win():
     assert adhoc_config("paper", "shortcuts", [{"model": "vgg11"}, {"train": {"lr": 0.2}}])["train"]["lr"] == 0.2
     with pytest.raises(ConfigError, match="unknown key 'modle' in the command-line options"):
         adhoc_config("paper", "shortcuts", [{"modle": "vgg11"}])
+
+
+def test_profile_attack_override_best_of_and_cell_sets():
+    # cpu shrinks crafting models per attack, keeping the table's own budget.
+    cells = {(c.row, c.column): c.config for c in load_table("shortcuts/table7").cells("cpu")}
+    em = cells["error_minimizing", "eps16"]["attack_params"]
+    assert em["model"] == "small_cnn" and em["eps"] == pytest.approx(16 / 255)
+    # A row's per-cell set: synthetic gets ε' 12/255 where the others get 16/255.
+    assert cells["synthetic", "eps16"]["attack_params"]["eps"] == pytest.approx(12 / 255)
+    assert cells["synthetic", "eps32"]["attack_params"]["eps"] == pytest.approx(24 / 255)
+    # defense_override replaces the backbone wholesale.
+    assert cells["ntga", "eps16"]["defense_params"] == {"weights": "backbones/digits_simclr_small_cnn.safetensors"}
+    spec = load_table("shortcuts/table4")
+    assert "adversarial_training" not in {c.column for c in spec.cells()}  # derived: no jobs
+
+
+def test_best_of_column_picks_the_best_member_and_names_it():
+    from test_bench_render import fake_result
+
+    spec = load_table("shortcuts/table4")
+    jobs = [j for j in expand(spec, trials=1) if j.row == "none"]
+    values = {"at_eps2": 80.0, "at_eps4": 85.0, "at_eps8": 70.0}
+    results = {j.hash: fake_result(j, values[j.column]) for j in jobs if j.column in values}
+    cells = {c.column: c for c in aggregate(spec, jobs, results) if c.row == "none"}
+    best = cells["adversarial_training"]
+    assert best.mean == 85.0 and best.chosen == "Adv. training ε=4/255" and best.trials == 0
+
+
+def test_best_of_must_name_columns_with_jobs(tmp_path):
+    text = MINIMAL.replace("      - {id: b, name: B, set: {dataset: svhn}}", "      - {id: b, name: B, best_of: [c]}")
+    with pytest.raises(ConfigError, match="best_of of column 'b'.*'c'"):
+        mini(tmp_path, text)
+
+
+def test_drop_poisoned_trains_on_the_clean_remainder(digits):
+    import torch
+
+    from poisonbench.data.module import PoisonedDataModule
+    from poisonbench.data.store import PoisonStore
+
+    train, test = digits
+    store = PoisonStore.empty(train, "none", {}, seed=7)
+    module = PoisonedDataModule(train, test, store, ratio=0.8, drop_poisoned=True)
+    module.setup()
+    assert len(module.train_set) == len(train) - round(0.8 * len(train))
+    again = PoisonedDataModule(train, test, store, ratio=0.8, drop_poisoned=True)
+    again.setup()
+    assert torch.equal(module.train_set.images, again.train_set.images)  # fixed by the store's seed

@@ -85,7 +85,7 @@ def test_list_and_dry_run(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0 and "synthetic" in out and "small_cnn" in out and "demo/digits" in out
     code, out, _ = run_cli(capsys, "run", "--table", "demo/digits", "--dry-run")
-    assert code == 0 and "9 jobs" in out and "pending" in out
+    assert code == 0 and "15 jobs" in out and "pending" in out
 
 
 def test_incompatible_job_directory(capsys, tmp_path):

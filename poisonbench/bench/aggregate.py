@@ -40,6 +40,8 @@ class CellResult:
     sem: float | None
     values: tuple[float, ...]  # per trial, in trial order
     curve: Curve | None = None  # kind: curves only
+    chosen: str | None = None  # best_of columns: the name of the column whose mean was best
+    files: tuple[str, ...] = ()  # kind: figure: the figure of each trial with a result
 
     @property
     def diff(self) -> float | None:
@@ -97,12 +99,31 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
             values = tuple(_metric(spec, job, result) for job, result in done)
             mean, sem, n = mean_sem(values)
             curve = _curve(spec, done) if spec.kind == "curves" else None
+            figures = tuple(str((r.get("files") or {}).get("figure")) for _, r in done
+                            if (r.get("files") or {}).get("figure"))
             cells.append(CellResult(
                 row=row.id, column=column.id, row_name=row.name, column_name=column.name,
                 reference=row.reference.get(column.id), trials=len(cell_jobs), n=n,
-                mean=mean, sem=sem, values=values, curve=curve,
+                mean=mean, sem=sem, values=values, curve=curve, files=figures,
             ))
-    return cells
+    return [_best_of(spec, cell, cells) for cell in cells]
+
+
+def _best_of(spec: TableSpec, cell: CellResult, cells: list[CellResult]) -> CellResult:
+    """A derived column's cell: the member column with the best mean in the same row."""
+    column = next(c for c in spec.columns if c.id == cell.column)
+    if not column.best_of:
+        return cell
+    members = [c for c in cells if c.row == cell.row and c.column in column.best_of and c.mean is not None]
+    if not members:
+        return cell
+    pick = max if spec.higher_is_better else min
+    best = pick(members, key=lambda c: c.mean)
+    return CellResult(
+        row=cell.row, column=cell.column, row_name=cell.row_name, column_name=cell.column_name,
+        reference=cell.reference, trials=0, n=best.n, mean=best.mean, sem=best.sem,
+        values=best.values, chosen=best.column_name,
+    )
 
 
 def table_state(cells: Iterable[CellResult]) -> TableState:

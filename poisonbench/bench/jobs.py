@@ -94,9 +94,10 @@ def expand(
             continue
         for trial in range(trials):
             if spec.poison_seed == "fixed":
-                # One store per attack config for the whole table: rows and trials with
-                # equal attack settings share it (the shortcuts tables craft once).
-                poison_seed = derive_seed(spec.id, "poison")
+                # One store per attack config for the whole paper: rows, trials and
+                # tables with equal attack settings share it (the shortcuts paper crafts
+                # each attack once and analyses, trains on and defends the same data).
+                poison_seed = derive_seed(spec.paper, "poison")
             else:
                 poison_seed = derive_seed(spec.id, cell.row, cell.column, trial, "poison")
             config = {

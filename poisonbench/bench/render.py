@@ -64,7 +64,10 @@ def render_table(
     values = list(results.values()) if isinstance(results, Mapping) else list(results)
     prov = provenance(cells, values, profile)
     base = Path(out_dir) / spec.paper / spec.name
-    files.write_text(base.with_suffix(".md"), table_markdown(spec, cells, prov))
+    markdown = table_markdown(spec, cells, prov) + _craft_costs(spec, values)
+    if spec.kind == "figure":
+        markdown += _figures(spec, cells, base)
+    files.write_text(base.with_suffix(".md"), markdown)
     files.write_text(base.with_suffix(".csv"), table_csv(cells))
     files.write_text(base.with_suffix(".json"), table_json(spec, cells, prov))
     _write_png(base.with_suffix(".png"), spec, cells)
@@ -81,7 +84,7 @@ def table_json(spec: TableSpec, cells: list[CellResult], prov: Mapping[str, Any]
         "provenance": dict(prov),
         "cells": [
             {"row": c.row, "column": c.column, "mean": _round(c.mean), "sem": _round(c.sem), "n": c.n,
-             "reference": c.reference}
+             "reference": c.reference, **({"chosen": c.chosen} if c.chosen else {})}
             for c in cells
         ],
     }
@@ -136,9 +139,10 @@ def table_markdown(spec: TableSpec, cells: list[CellResult], prov: Mapping[str, 
 
 
 def _reproduced(c: CellResult) -> str:
+    chosen = f" [{_md(c.chosen)}]" if c.chosen else ""
     if c.sem is None:
-        return f"{c.mean:.2f} (n={c.n})"
-    return f"{c.mean:.2f} ± {c.sem:.2f} (n={c.n})"
+        return f"{c.mean:.2f} (n={c.n}){chosen}"
+    return f"{c.mean:.2f} ± {c.sem:.2f} (n={c.n}){chosen}"
 
 
 def _md(text: str) -> str:
@@ -176,7 +180,43 @@ def _latest(stamps: Iterable[Any]) -> str | None:
     return None if latest is None else latest[1]
 
 
+def _craft_costs(spec: TableSpec, results: list[Mapping[str, Any]]) -> str:
+    """Crafting cost per row: the seconds its poison store took, on what hardware."""
+    costs: dict[str, tuple[str, float, str]] = {}
+    for r in results:
+        cost = (r.get("store") or {}).get("craft_cost")
+        if cost and r.get("row") not in costs:
+            attack = (r.get("config") or {}).get("attack", "?")
+            costs[r["row"]] = (attack, float(cost.get("seconds", 0.0)), str(cost.get("hardware") or NONE))
+    if not costs:
+        return ""
+    lines = ["", "## Crafting cost", "", "Seconds spent crafting each row's poison store (once; "
+             "later jobs read it from the cache), on the hardware named.", "",
+             "| Row | Attack | Seconds | Hardware |", "|---|---|---:|---|"]
+    names = {r.id: r.name for r in spec.rows}
+    for row in spec.row_ids:
+        if row in costs:
+            attack, seconds, hardware = costs[row]
+            lines.append(f"| {_md(names[row])} | {attack} | {seconds:.1f} | {_md(hardware)} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- figure
+
+
+def _figures(spec: TableSpec, cells: list[CellResult], base: Path) -> str:
+    """Copy the first trial's figure of each cell beside the leaderboard; link them."""
+    lines = ["", "## Figures", ""]
+    for c in cells:
+        source = next((Path(f) for f in c.files if Path(f).is_file()), None)
+        if source is None:
+            lines.append(f"- {_md(c.row_name)}: not run")
+            continue
+        target = base.parent / base.name / f"{c.row}.png"
+        with files.atomic_path(target) as tmp:
+            tmp.write_bytes(source.read_bytes())
+        lines += [f"### {_md(c.row_name)}", "", f"![{_md(c.row_name)}]({base.name}/{c.row}.png)", ""]
+    return "\n".join(lines) + "\n"
 
 
 def _write_png(path: Path, spec: TableSpec, cells: list[CellResult]) -> None:

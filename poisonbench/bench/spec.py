@@ -54,13 +54,21 @@ DEFAULTS: dict[str, Any] = {
     "attack": "none",
     "attack_params": {},
     "ratio": 1.0,  # fraction of the training set that is poisoned
+    # Train on the clean remainder only: the ratio·N samples the attack would poison are
+    # removed instead (the shortcuts paper's Table 6 baseline, "Clean Data Only").
+    "drop_poisoned": False,
     "scenario": "scratch",
     "defense": "none",
     "defense_params": {},
+    # What the job does with the (poisoned) training set: train a victim, or analyse
+    # the perturbations (the shortcuts paper's Table 1 probes, Figures 2 and 6).
+    "task": "train",
+    "task_params": {},
     "train": TRAIN_DEFAULTS,
 }
-SCENARIOS = ("scratch", "finetune", "transfer")
-KINDS = ("table", "curves")
+SCENARIOS = ("scratch", "finetune", "transfer", "linear_eval")
+TASKS = ("train", "separability", "tsne")
+KINDS = ("table", "curves", "figure")
 POISON_SEEDS = ("fixed", "per_trial")
 NO_COLUMN = "value"  # the one column of a table without ``columns``
 
@@ -68,8 +76,8 @@ NO_COLUMN = "value"  # the one column of a table without ``columns``
 # `lr: 1.0` hash alike); "ints" is a list of ints.
 _TYPES: dict[str, Any] = {
     "dataset": str, "model": str, "model_params": dict, "attack": str,
-    "attack_params": dict, "ratio": float, "scenario": str, "defense": str,
-    "defense_params": dict, "train": dict,
+    "attack_params": dict, "ratio": float, "drop_poisoned": bool, "scenario": str, "defense": str,
+    "defense_params": dict, "task": str, "task_params": dict, "train": dict,
 }
 _TRAIN_TYPES: dict[str, Any] = {
     "epochs": int, "batch_size": int, "optimizer": str, "lr": float, "momentum": float,
@@ -77,15 +85,16 @@ _TRAIN_TYPES: dict[str, Any] = {
     "accelerator": str, "devices": (int, str, list), "strategy": str,
     "precision": (str, int), "eval_every": int,
 }
-_PARAMS_OF = {"model": "model_params", "attack": "attack_params", "defense": "defense_params"}
+_PARAMS_OF = {"model": "model_params", "attack": "attack_params", "defense": "defense_params",
+              "task": "task_params"}
 _TABLE_KEYS = (
     "id", "paper", "title", "notes", "metric", "metric_name", "higher_is_better", "kind",
     "profile", "trials", "poison_seed", "defaults", "columns", "rows",
 )
-_ROW_KEYS = ("id", "name", "notes", "set", "reference")
-_COLUMN_KEYS = ("id", "name", "notes", "set")
+_ROW_KEYS = ("id", "name", "notes", "set", "reference", "cells")
+_COLUMN_KEYS = ("id", "name", "notes", "set", "best_of")
 _PROFILE_KEYS = ("name", "description", "families")
-_FAMILY_KEYS = ("train", "lr_by_model", "override")
+_FAMILY_KEYS = ("train", "lr_by_model", "override", "attack_override", "defense_override")
 _SUITE_KEYS = ("name", "description", "tables")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
@@ -180,6 +189,8 @@ def _check_set(mapping: Any, where: str) -> dict[str, Any]:
         raise ConfigError(
             f"scenario in {where} must be one of {', '.join(SCENARIOS)}; got {checked['scenario']!r}"
         )
+    if "task" in checked and checked["task"] not in TASKS:
+        raise ConfigError(f"task in {where} must be one of {', '.join(TASKS)}; got {checked['task']!r}")
     if "ratio" in checked and not 0.0 <= checked["ratio"] <= 1.0:
         raise ConfigError(f"ratio in {where} must lie in [0, 1]; got {checked['ratio']}")
     return checked
@@ -240,6 +251,24 @@ class Family:
     train: Mapping[str, Any]
     lr_by_model: Mapping[str, float]
     override: Mapping[str, Any]
+    # attack name -> attack_params merged into every cell of that attack (last, so the
+    # profile wins): how a profile shrinks crafting models and steps (profile cpu).
+    attack_override: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # defense name -> the whole defense_params of that defense under this profile
+    defense_override: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def finish(self, config: dict[str, Any], explicit_lr: bool) -> dict[str, Any]:
+        """The profile's last word on a merged cell config: attack_override,
+        defense_override, lr_by_model."""
+        extra = self.attack_override.get(config["attack"])
+        if extra:  # merged: the table's budget stays, the crafting cost shrinks
+            config["attack_params"] = deep_merge(config.get("attack_params") or {}, extra)
+        if config["defense"] in self.defense_override:  # replaced: a backbone is stated whole
+            config["defense_params"] = dict(self.defense_override[config["defense"]])
+        lr = self.lr_by_model.get(config["model"])
+        if lr is not None and not explicit_lr:  # what a table or the command line says wins
+            config["train"]["lr"] = lr
+        return config
 
 
 @dataclass(frozen=True)
@@ -272,11 +301,17 @@ def load_profile(name: str) -> Profile:
         fam = _mapping(fam, fwhere)
         check_keys(fam, _FAMILY_KEYS, fwhere)
         lr_by_model = _mapping(fam.get("lr_by_model"), f"lr_by_model in {fwhere}")
+        attack_override = _mapping(fam.get("attack_override"), f"attack_override in {fwhere}")
+        defense_override = _mapping(fam.get("defense_override"), f"defense_override in {fwhere}")
         families[paper] = Family(
             train=_check_train(fam.get("train") or {}, fwhere),
             lr_by_model={m: _check_value(lr, float, f"lr_by_model.{m} in {fwhere}")
                          for m, lr in lr_by_model.items()},
             override=_check_set(fam.get("override") or {}, f"{fwhere} override"),
+            attack_override={a: dict(_mapping(p, f"attack_override.{a} in {fwhere}"))
+                             for a, p in attack_override.items()},
+            defense_override={d: dict(_mapping(p, f"defense_override.{d} in {fwhere}"))
+                              for d, p in defense_override.items()},
         )
     return Profile(name=name, description=str(data.get("description", "")), families=families, path=path)
 
@@ -290,6 +325,9 @@ class ColumnSpec:
     name: str
     set: Mapping[str, Any] = field(default_factory=dict)
     notes: str = ""
+    # A derived column without jobs of its own: the best (by the table's direction) of
+    # these columns' means, naming which (shortcuts Table 4: best of three FGSM budgets).
+    best_of: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -299,6 +337,9 @@ class RowSpec:
     set: Mapping[str, Any] = field(default_factory=dict)
     reference: Mapping[str, float | None] = field(default_factory=dict)  # column id -> paper value
     notes: str = ""
+    # column id -> a set applied after the row's own, for what only one cell needs
+    # (shortcuts Table 7: synthetic's ε' is 12 and 24 where the others' ε is 16 and 32).
+    cells: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -354,11 +395,13 @@ class TableSpec:
         cells = []
         for row in self.rows:
             for column in self.columns:
-                config = _lay(_lay(_lay(base, column.set), row.set), family.override)
-                explicit_lr = any("lr" in (layer.get("train") or {}) for layer in (self.defaults, column.set, row.set))
-                lr = family.lr_by_model.get(config["model"])
-                if lr is not None and not explicit_lr:  # as adhoc_config: what a table says wins
-                    config["train"]["lr"] = lr
+                if column.best_of:
+                    continue
+                cell_set = row.cells.get(column.id, {})
+                config = _lay(_lay(_lay(_lay(base, column.set), row.set), cell_set), family.override)
+                explicit_lr = any("lr" in (layer.get("train") or {})
+                                  for layer in (self.defaults, column.set, row.set, cell_set))
+                config = family.finish(config, explicit_lr)
                 cells.append(Cell(
                     table=self.id, row=row.id, column=column.id, row_name=row.name,
                     column_name=column.name, reference=row.reference.get(column.id), config=config,
@@ -380,10 +423,7 @@ def adhoc_config(profile: str, family: str, layers: list[Mapping[str, Any]]) -> 
         layer = _check_set(layer, "the command-line options")
         explicit_lr = explicit_lr or "lr" in layer.get("train", {})
         config = _lay(config, layer)
-    lr = fam.lr_by_model.get(config["model"])
-    if lr is not None and not explicit_lr:
-        config["train"]["lr"] = lr
-    return config
+    return fam.finish(config, explicit_lr)
 
 
 def load_table(id_or_path: str | os.PathLike) -> TableSpec:
@@ -475,8 +515,15 @@ def _parse_columns(data: Any, where: str) -> list[ColumnSpec]:
             name=_check_value(col.get("name", cid), str, f"name in {cwhere}"),
             set=_check_set(col.get("set") or {}, f"{cwhere} set"),
             notes=_check_value(col.get("notes", ""), str, f"notes in {cwhere}"),
+            best_of=tuple(_check_value(col.get("best_of", []), list, f"best_of in {cwhere}")),
         ))
-    _unique([c.id for c in columns], "column", where)
+    ids = [c.id for c in columns]
+    _unique(ids, "column", where)
+    for col in columns:
+        for member in col.best_of:
+            if member not in ids or dict((c.id, c) for c in columns)[member].best_of:
+                raise ConfigError(f"best_of of column {col.id!r} in {where} names {member!r}, "
+                                  f"which is not a column with jobs; columns: {', '.join(ids)}")
     return columns
 
 
@@ -502,12 +549,17 @@ def _parse_row(row: Any, index: int, where: str, column_ids: list[str], has_colu
             f"reference in {rwhere} must map column ids to numbers (the table has columns); "
             f"got {describe(ref)}"
         )
+    cells = _mapping(row.get("cells"), f"cells in {rwhere}")
+    unknown = [k for k in cells if k not in column_ids]
+    if unknown:
+        raise ConfigError(f"cells in {rwhere} names column {unknown[0]!r}; columns: {', '.join(column_ids)}")
     return RowSpec(
         id=rid,
         name=_check_value(row.get("name", rid), str, f"name in {rwhere}"),
         set=_check_set(row.get("set") or {}, f"{rwhere} set"),
         reference=reference,
         notes=_check_value(row.get("notes", ""), str, f"notes in {rwhere}"),
+        cells={k: _check_set(v or {}, f"{rwhere} cells.{k}") for k, v in cells.items()},
     )
 
 
