@@ -85,15 +85,30 @@ def select_poisoned(store: PoisonStore, n_train: int, ratio: float) -> torch.Ten
     return torch.randperm(m, generator=gen)[:k].sort().values
 
 
+def clean_remainder(n_train: int, ratio: float, seed: int) -> torch.Tensor:
+    """Sorted indices of the training samples left when round(ratio·n_train) of them,
+    drawn with ``seed``, are removed (the shortcuts paper's Table 6 "Clean Data Only")."""
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"drop_poisoned needs a ratio in [0, 1) so that something is left to train on, got {ratio}")
+    k = round(ratio * n_train)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_train, generator=gen)[k:].sort().values
+
+
 class PoisonedDataModule(L.LightningDataModule):
-    """Training data = ``base`` with (a ``ratio`` of) ``store`` applied; test data clean."""
+    """Training data = ``base`` with (a ``ratio`` of) ``store`` applied; test data clean.
+
+    With ``drop_poisoned`` the ratio·N samples are removed instead of poisoned, and the
+    model trains on the clean remainder only.
+    """
 
     def __init__(self, base: ImageSet, test: ImageSet, store: PoisonStore | None = None,
                  ratio: float = 1.0, batch_size: int = 128, eval_batch_size: int = 512,
-                 seed: int = 0) -> None:
+                 seed: int = 0, drop_poisoned: bool = False) -> None:
         super().__init__()
         self.base, self.test_set, self.store = base, test, store
         self.ratio, self.batch_size, self.eval_batch_size, self.seed = ratio, batch_size, eval_batch_size, seed
+        self.drop_poisoned = drop_poisoned
         self.train_set: ImageSet | None = None
 
     @property
@@ -102,7 +117,12 @@ class PoisonedDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            if self.store is None:
+            if self.drop_poisoned:
+                keep = clean_remainder(len(self.base), self.ratio, self.store.seed if self.store else self.seed)
+                b = self.base
+                self.train_set = ImageSet(b.images.index_select(0, keep), b.labels.index_select(0, keep),
+                                          b.classes, b.name, b.split)
+            elif self.store is None:
                 self.train_set = self.base
             else:
                 subset = select_poisoned(self.store, len(self.base), self.ratio)

@@ -1,12 +1,10 @@
 """Defenses: one file per defense, each registered in ``DEFENSES`` on import.
 
-A defense hooks in at one of four places (DESIGN.md): before training (filters),
-per batch, per optimizer step, or by replacing the backbone. The defenses of both
-papers arrive with their own issue; ``none`` is the undefended baseline.
+A defense hooks in at one of four places (DESIGN.md, "Training scenarios"): before
+training (filters), per batch, per optimizer step, or by replacing the backbone; the
+extension point is ``poisonbench.defenses.base``. ``none`` is the undefended baseline.
 """
-from poisonbench.registry import Registry
+from poisonbench.defenses.base import DEFENSES, Defense, NoParams, build_defense, register_defense
+from poisonbench.defenses import adversarial_training, pretrained  # noqa: F401  (fill the registry)
 
-DEFENSES: Registry = Registry("defense")
-DEFENSES.register("none")(None)
-
-__all__ = ["DEFENSES"]
+__all__ = ["DEFENSES", "Defense", "NoParams", "build_defense", "register_defense"]

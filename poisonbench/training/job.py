@@ -3,6 +3,14 @@ it, and write ``result.json`` last and atomically, so its presence means done.
 
 The job is a function of its resolved config (docs/architecture.md); the data root
 and the job directory are where it runs, never part of what it is.
+
+The defense (``defense``, ``defense_params``; ``poisonbench.defenses``) is built first,
+so a bad name or parameter fails before any work. Its training-set filter runs on the
+poisoned training set (what a defender receives) before the trainer sees it, and its
+``prepare_model`` on the victim as built; the per-batch and per-step hooks run inside
+``VictimModule``. The scenario routes the rest: ``scratch``, ``finetune`` and
+``transfer`` train with Lightning; ``linear_eval`` extracts features once and fits an
+L-BFGS linear classifier (``poisonbench.training.linear_eval``), with no curve.
 """
 from __future__ import annotations
 
@@ -16,15 +24,19 @@ import torch
 import yaml
 
 from poisonbench import provenance
-from poisonbench.attacks import craft_cached
+from poisonbench.attacks import ATTACKS, craft_cached
+from poisonbench.attacks.base import craft_cost
 from poisonbench.bench.jobs import CONFIG_FILE, RESULT_FILE, RESULT_FORMAT_VERSION
+from poisonbench.bench.spec import SCENARIOS
 from poisonbench.data import load_imageset
+from poisonbench.data.imageset import ImageSet
 from poisonbench.data.module import PoisonedDataModule
 from poisonbench.data.store import PoisonStore
-from poisonbench.defenses import DEFENSES
-from poisonbench.errors import JobError
+from poisonbench.defenses import Defense, build_defense
+from poisonbench.errors import ConfigError, JobError
 from poisonbench.files import write_json, write_text
 from poisonbench.models import build_model
+from poisonbench.training.linear_eval import linear_eval
 from poisonbench.training.trainer import build_trainer, quiet_lightning
 from poisonbench.training.victim import VictimModule
 
@@ -72,6 +84,39 @@ def run_job_dir(job_dir: str | Path, data_root: str | None = None, wandb: bool =
     return run_job(config, job_dir, data_root=data_root, wandb=wandb)
 
 
+def compute_device(train: dict) -> torch.device:
+    """Where work outside the Lightning trainer runs (filters, feature extraction): the
+    GPU when there is one and the profile's accelerator allows it."""
+    accelerator = str(train.get("accelerator", "auto"))
+    on_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if on_cuda else "cpu")
+
+
+def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config: dict,
+                        device: torch.device) -> dict | None:
+    """Apply the defense's filter to the datamodule's poisoned training set in place.
+
+    Returns ``{"kept": n, "removed": m}``, or ``None`` when the defense keeps everything.
+    """
+    datamodule.setup("fit")  # builds the poisoned training set; the trainer's setup() keeps it
+    train = datamodule.train_set
+    kept = defense.filter_training_set(train.images, train.labels, num_classes=train.num_classes,
+                                       seed=int(config["seed"]), device=device, config=config)
+    if kept is None:
+        return None
+    kept = torch.as_tensor(kept).cpu()
+    n = len(train)
+    valid = (kept.dtype == torch.int64 and kept.ndim == 1 and kept.numel() > 0
+             and int(kept.min()) >= 0 and int(kept.max()) < n and kept.unique().numel() == kept.numel())
+    if not valid:  # a defense's bug, not a user's: say what came back
+        raise ValueError(f"defense {defense.name!r} must return unique int64 indices in [0, {n}) "
+                         f"from filter_training_set, got {kept.dtype} {tuple(kept.shape)}")
+    kept = kept.sort().values
+    datamodule.train_set = ImageSet(train.images.index_select(0, kept), train.labels.index_select(0, kept),
+                                    train.classes, train.name, train.split)
+    return {"kept": int(kept.numel()), "removed": n - int(kept.numel())}
+
+
 def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
             store_path: str | Path | None = None, wandb: bool = False,
             progress_bar: bool = False) -> dict:
@@ -81,19 +126,27 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     if not progress_bar:
         quiet_lightning()
     L.seed_everything(int(config["seed"]), workers=True, verbose=False)
-    if config.get("defense", "none") != "none":
-        DEFENSES.get(config["defense"])  # unknown names fail before any work is done
+    scenario = config.get("scenario", "scratch")
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    # Unknown names and bad parameters fail before any work is done.
+    defense = build_defense(config.get("defense", "none"), config.get("defense_params"))
 
     base = load_imageset(config["dataset"], data_root, "train")
     test = load_imageset(config["dataset"], data_root, "test")
     craft_device = "cuda" if torch.cuda.is_available() else "cpu"
+    fast = bool(config.get("fast_dev_run"))
     if store_path is not None:
         store, craft_s = PoisonStore.open(store_path, base), 0.0
     else:
-        store, craft_s = craft_cached(config["attack"], base, config.get("attack_params"),
-                                      int(config["poison_seed"]), craft_device)
+        attack_params = dict(config.get("attack_params") or {})
+        if fast:  # the same code path at a smoke run's cost (a few steps, a tiny crafting model)
+            attack_params = {**attack_params, **ATTACKS.get(config["attack"]).smoke}
+        store, craft_s = craft_cached(config["attack"], base, attack_params,
+                                      int(config["poison_seed"]), craft_device, progress=progress_bar)
+    if config.get("task", "train") != "train":
+        return _analysis_job(config, job_dir, base, store, craft_s, fast, wandb)
 
-    fast = bool(config.get("fast_dev_run"))
     batch_size = min(int(train_cfg["batch_size"]), FAST_DEV_BATCH) if fast else int(train_cfg["batch_size"])
     if wandb and craft_s > 0:
         from poisonbench.bench.tracking import log_craft
@@ -101,9 +154,88 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
         log_craft(config, job_dir, {"craft_s": craft_s, **store.budget})
     sizes = {"batch_size": batch_size, **({"eval_batch_size": FAST_DEV_BATCH} if fast else {})}
     datamodule = PoisonedDataModule(base, test, store, ratio=float(config.get("ratio", 1.0)),
-                                    seed=int(config["seed"]), **sizes)
+                                    seed=int(config["seed"]), drop_poisoned=bool(config.get("drop_poisoned")),
+                                    **sizes)
+    device = compute_device(train_cfg)
+    filtered = filter_training_set(defense, datamodule, config, device)
     model = build_model(config["model"], base.num_classes, **dict(config.get("model_params") or {}))
-    module = VictimModule(model, base.num_classes, train_cfg, scenario=config.get("scenario", "scratch"))
+    model = defense.prepare_model(model, base.num_classes)
+
+    if scenario == "linear_eval":
+        outcome, write = _linear_eval(model, datamodule, config, device, fast), True
+    else:
+        outcome, write = _train(model, datamodule, config, defense, job_dir, fast, wandb, progress_bar)
+
+    result = {
+        "format_version": RESULT_FORMAT_VERSION,
+        "job": job_dir.name,
+        **{k: config.get(k) for k in ("table", "row", "column", "trial", "seed", "poison_seed")},
+        "config": config,
+        "metrics": outcome["metrics"],
+        "curves": outcome["curves"],
+        "timings": {"craft_s": round(craft_s, 3), **outcome["timings"]},
+        "store": {"path": str(store.path) if store.path else None, "attack": store.attack,
+                  "budget": store.budget if store.index.numel() else None,
+                  "craft_cost": craft_cost(store.path)},
+        "defense": {**defense.describe(), "filter": filtered},
+        "hardware": outcome["hardware"],
+        "versions": provenance.versions(),
+        "finished_at": provenance.now(),
+    }
+    if write:
+        write_json(job_dir / RESULT_FILE, result)
+    if wandb:
+        import wandb as wandb_lib
+
+        if scenario == "linear_eval":
+            from poisonbench.bench.tracking import wandb_logger
+
+            wandb_logger(config, job_dir, job_type="train").log_metrics(
+                {"test/acc": result["metrics"]["test_acc"], "train/acc": result["metrics"]["train_acc"]})
+        wandb_lib.finish()
+    return result
+
+
+def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStore, craft_s: float,
+                  fast: bool, wandb: bool) -> dict:
+    """A job whose task analyses the perturbations (``poisonbench.analysis.job``)."""
+    from poisonbench.analysis.job import run_task
+
+    metrics, timings, files = run_task(config, base, store, job_dir, int(config["seed"]), fast=fast)
+    result = {
+        "format_version": RESULT_FORMAT_VERSION,
+        "job": job_dir.name,
+        **{k: config.get(k) for k in ("table", "row", "column", "trial", "seed", "poison_seed")},
+        "config": config,
+        "metrics": metrics,
+        "curves": {"epoch": [], "test_acc": []},
+        "timings": {"craft_s": round(craft_s, 3), **timings},
+        "store": {"path": str(store.path) if store.path else None, "attack": store.attack,
+                  "budget": store.budget if store.index.numel() else None,
+                  "craft_cost": craft_cost(store.path)},
+        "files": files,
+        "hardware": provenance.hardware("cpu"),
+        "versions": provenance.versions(),
+        "finished_at": provenance.now(),
+    }
+    write_json(job_dir / RESULT_FILE, result)
+    if wandb:
+        import wandb as wandb_lib
+
+        from poisonbench.bench.tracking import wandb_logger
+
+        wandb_logger(config, job_dir, job_type="analysis").log_metrics(metrics)
+        wandb_lib.finish()
+    return result
+
+
+def _train(model, datamodule: PoisonedDataModule, config: dict, defense: Defense, job_dir: Path,
+           fast: bool, wandb: bool, progress_bar: bool) -> tuple[dict, bool]:
+    """The Lightning scenarios: fit, then test; returns the result's parts and whether
+    this process writes the result (rank 0)."""
+    train_cfg = dict(config["train"])
+    module = VictimModule(model, datamodule.num_classes, train_cfg, scenario=config.get("scenario", "scratch"),
+                          defense=defense)
     extra_loggers = []
     if wandb:
         from poisonbench.bench.tracking import wandb_logger
@@ -117,28 +249,33 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     train_s = time.perf_counter() - start
     train_acc = trainer.callback_metrics.get("train/acc")  # before test() resets them
     tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-
-    result = {
-        "format_version": RESULT_FORMAT_VERSION,
-        "job": job_dir.name,
-        **{k: config.get(k) for k in ("table", "row", "column", "trial", "seed", "poison_seed")},
-        "config": config,
+    outcome = {
         "metrics": {
             "test_acc": float(tested["test/acc"]),
             "train_acc": float(train_acc) if train_acc is not None else None,
         },
         "curves": {"epoch": [e for e, _ in module.curve], "test_acc": [a for _, a in module.curve]},
-        "timings": {"craft_s": round(craft_s, 3), "train_s": round(train_s, 3)},
-        "store": {"path": str(store.path) if store.path else None, "attack": store.attack,
-                  "budget": store.budget if store.index.numel() else None},
+        "timings": {"train_s": round(train_s, 3)},
         "hardware": provenance.hardware(module.device.type) | {"processes": trainer.world_size},
-        "versions": provenance.versions(),
-        "finished_at": provenance.now(),
     }
-    if trainer.is_global_zero:
-        write_json(job_dir / RESULT_FILE, result)
-    if wandb:
-        import wandb as wandb_lib
+    return outcome, trainer.is_global_zero
 
-        wandb_lib.finish()
-    return result
+
+def _linear_eval(model, datamodule: PoisonedDataModule, config: dict, device: torch.device,
+                 fast: bool) -> dict:
+    """The ``linear_eval`` scenario: features once, an L-BFGS linear classifier, no curve."""
+    datamodule.setup("fit")
+    train, test = datamodule.train_set, datamodule.test_set
+    if fast:  # one small batch of each set, like Lightning's fast_dev_run
+        train, test = _head(train, FAST_DEV_BATCH), _head(test, FAST_DEV_BATCH)
+    fitted = linear_eval(model, train, test, seed=int(config["seed"]), device=device)
+    return {
+        "metrics": {"test_acc": fitted.test_acc, "train_acc": fitted.train_acc},
+        "curves": {"epoch": [], "test_acc": []},
+        "timings": {"extract_s": round(fitted.extract_s, 3), "fit_s": round(fitted.fit_s, 3)},
+        "hardware": provenance.hardware(device.type) | {"processes": 1},
+    }
+
+
+def _head(data: ImageSet, n: int) -> ImageSet:
+    return ImageSet(data.images[:n], data.labels[:n], data.classes, data.name, data.split)

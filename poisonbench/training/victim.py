@@ -6,13 +6,20 @@ scenarios"):
 - ``finetune``: a pre-trained backbone, a re-initialised classifier, every layer trained;
 - ``transfer``: the backbone frozen (and kept in eval mode, so its BatchNorm statistics
   do not move), only the re-initialised linear classifier trained with the profile's
-  optimiser (robuster's "transfer"). The shortcuts paper's "linear eval" (features
-  extracted once, L-BFGS for 50 steps) and robuster's 0.001× learning rate for
-  fine-tuning arrive with the defense tables that use them.
+  optimiser (robuster's "transfer"). Robuster's 0.001× learning rate for fine-tuning
+  arrives with the defense tables that use it.
+
+The fourth scenario, ``linear_eval`` (the shortcuts paper's features extracted once and
+an L-BFGS classifier), trains nothing with Lightning: ``poisonbench.training.linear_eval``.
 
 The network is passed in, not built here. Augmentation (random crop with zero padding
 4 and horizontal flip) runs on the batch's device in ``on_after_batch_transfer``.
-Accuracies are in percent.
+A ``Defense`` (``poisonbench.defenses.base``) acts through two hooks called here: its
+per-batch hook inside ``training_step`` (after augmentation, under the trainer's
+autocast, with the model in training mode), and its per-step hook in Lightning's
+``on_before_optimizer_step`` (after backward, DDP all-reduce and AMP unscaling). Its
+other two hooks (filtering the training set, replacing the model) act before the
+module exists, in the job. Accuracies are in percent.
 """
 from __future__ import annotations
 
@@ -23,21 +30,28 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from poisonbench.bench.spec import SCENARIOS
 from poisonbench.data.augment import random_crop_flip, to_float
+from poisonbench.defenses.base import Defense
 from poisonbench.errors import ConfigError
 
 OPTIMIZERS = ("sgd",)
+TRAINED_SCENARIOS = ("scratch", "finetune", "transfer")
 
 
 class VictimModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, num_classes: int, train: dict,
-                 scenario: str = "scratch", augment: bool = True, crop_padding: int = 4) -> None:
+                 scenario: str = "scratch", augment: bool = True, crop_padding: int = 4,
+                 defense: Defense | None = None) -> None:
         super().__init__()
         if scenario not in SCENARIOS:
             raise ConfigError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+        if scenario not in TRAINED_SCENARIOS:
+            raise ConfigError(f"scenario {scenario!r} is not trained by VictimModule (known here: "
+                              f"{', '.join(TRAINED_SCENARIOS)}); run it with poisonbench.training.linear_eval")
         if train.get("optimizer", "sgd") not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {train.get('optimizer')!r}; known: {', '.join(OPTIMIZERS)}")
         self.model, self.scenario, self.train_cfg = model, scenario, dict(train)
         self.augment, self.crop_padding = augment, crop_padding
+        self.defense = defense
         if scenario in ("finetune", "transfer"):
             model.reset_head(num_classes)
         if scenario == "transfer":
@@ -80,9 +94,12 @@ class VictimModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        if self.defense is not None:
+            images, labels = self.defense.on_train_batch(self.model, images, labels)
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        self.train_acc.update(logits.detach(), labels)
+        loss = F.cross_entropy(logits, labels)  # class indices, or soft labels [N, C] from a defense
+        hard = labels.argmax(dim=1) if labels.is_floating_point() else labels
+        self.train_acc.update(logits.detach(), hard)
         # No sync_dist: a collective inside logging runs only where a progress bar reads
         # it (rank 0) and deadlocks DDP against the metric syncs of the epoch-end hooks.
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
@@ -112,6 +129,10 @@ class VictimModule(L.LightningModule):
         self.test_acc.reset()
 
     # ------------------------------------------------------------- optimiser
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.defense is not None:
+            self.defense.on_before_optimizer_step(self.model, optimizer)
+
     def configure_optimizers(self):
         cfg = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
