@@ -14,6 +14,7 @@ import yaml
 
 from poisonbench import __version__
 from poisonbench.errors import ConfigError, PoisonbenchError
+from poisonbench.bench.spec import SCENARIOS
 
 EXIT_BAD_INPUT = 2
 
@@ -226,6 +227,30 @@ def cmd_job(args) -> None:
         print(f"{args.job_dir}: clean test accuracy {result['metrics']['test_acc']:.2f}%")
 
 
+def cmd_pretrain(args) -> None:
+    from poisonbench.pretrain import pretrain
+
+    for pair in args.model_param or []:
+        if "=" not in pair:
+            raise ConfigError(f"--model-param expects key=value, got {pair!r}")
+    if args.if_missing:
+        from poisonbench.pretrain.run import default_path
+
+        target = Path(args.out) if args.out else default_path(args.dataset, args.method, args.model or "small_cnn")
+        if target.is_file():
+            print(f"{target}  (exists; --if-missing)")
+            return
+    aux = None
+    if args.aux:
+        name, _, split = args.aux.partition(":")
+        aux = (name, split or "train")
+    result = pretrain(args.method, args.dataset, model=args.model, model_params=parse_sets(args.model_param),
+                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, out=args.out,
+                      data_root=args.data_root, aux=aux, on_start=lambda line: print(line, file=sys.stderr))
+    print(f"{result.path}  ({result.method} {result.model} on {result.aux_dataset} {result.aux_split}, "
+          f"{result.aux_size} images, {result.params['epochs']} epochs; {result.seconds:.1f}s)")
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> Parser:
     p = Parser(prog="poisonbench", description="Benchmark suite for data-poisoning attacks and defenses.")
@@ -271,7 +296,7 @@ def build_parser() -> Parser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--store", help="poison store file to train on (default: craft --attack, or clean)")
     sp.add_argument("--attack", help="attack to craft (with the cache) when no --store is given")
-    sp.add_argument("--scenario", default="scratch", choices=["scratch", "finetune", "transfer"])
+    sp.add_argument("--scenario", default="scratch", choices=list(SCENARIOS))
     sp.add_argument("--profile", default="cpu", help="profile whose training recipe is used (default cpu)")
     sp.add_argument("--family", default="shortcuts", help="profile family (paper) of the recipe (default shortcuts)")
     sp.add_argument("--seed", type=seed_arg, default=0)
@@ -307,6 +332,20 @@ def build_parser() -> Parser:
     data_root(sp)
     sp.add_argument("--wandb", action="store_true")
     sp.set_defaults(func=cmd_job)
+
+    sp = sub.add_parser("pretrain", help="pre-train a backbone on the auxiliary data of a dataset (pre-trained-extractor defense)")
+    sp.add_argument("method", choices=["simclr", "supervised"])
+    sp.add_argument("--dataset", required=True, help="the dataset to be defended; pre-training uses its auxiliary data")
+    sp.add_argument("--model", help="model name (default: the dataset's cpu recipe, digits: small_cnn with pool=1)")
+    sp.add_argument("--model-param", nargs="+", metavar="KEY=VALUE", help="model parameters, e.g. pool=1 width=32")
+    sp.add_argument("--aux", metavar="DATASET[:SPLIT]", help="auxiliary data (default: cifar100 for cifar10 and the reverse, digits:aux for digits)")
+    sp.add_argument("--epochs", type=int, help="epochs (default: the method's recipe for the dataset)")
+    sp.add_argument("--batch-size", type=int, help="batch size (default: the method's recipe for the dataset)")
+    sp.add_argument("--seed", type=seed_arg, default=0)
+    sp.add_argument("--out", help="backbone file (default $POISONBENCH_HOME/backbones/<dataset>_<method>_<model>.safetensors)")
+    sp.add_argument("--if-missing", action="store_true", help="do nothing when the backbone file exists")
+    data_root(sp)
+    sp.set_defaults(func=cmd_pretrain)
     return p
 
 

@@ -453,9 +453,10 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 
     y = load_digits().target
     split = digits.split_indices(y)
-    assert len(split["train"]) == 1347 and len(split["test"]) == 450
-    assert not set(split["train"]) & set(split["test"])
-    assert sorted([*split["train"], *split["test"]]) == list(range(len(y)))
+    assert (len(split["train"]), len(split["aux"]), len(split["test"])) == (900, 447, 450)
+    assert not set(split["train"]) & set(split["test"]) and not set(split["aux"]) & set(split["train"])
+    assert not set(split["aux"]) & set(split["test"])
+    assert sorted([*split["train"], *split["aux"], *split["test"]]) == list(range(len(y)))
     for c in range(10):
         total, test = (y == c).sum(), (y[split["test"]] == c).sum()
         assert abs(test - total * digits.TEST_FRACTION) <= 1

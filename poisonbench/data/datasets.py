@@ -22,6 +22,11 @@ DATASETS: Registry[Loader] = Registry("dataset")
 
 SPLITS = ("train", "test")
 
+# Splits beyond train/test, by dataset: a loader that carves one out declares it here
+# (digits' ``aux``, the auxiliary data of pre-trained defenses), so that every other
+# dataset still rejects the name with a sentence that says who has it.
+EXTRA_SPLITS: dict[str, tuple[str, ...]] = {}
+
 
 def load_imageset(
     name: str,
@@ -31,13 +36,18 @@ def load_imageset(
 ) -> ImageSet:
     """Load one split of a registered dataset from ``root`` (default: ``files.data_root()``)."""
     loader = DATASETS.get(name)
-    check_split(split)
+    check_split(split, name)
     return loader(files.data_root(root), split, download)
 
 
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+def check_split(split: str, name: str | None = None) -> None:
+    """ConfigError unless ``split`` is train, test or one of dataset ``name``'s extra splits."""
+    allowed = SPLITS + EXTRA_SPLITS.get(name or "", ())
+    if split in allowed:
+        return
+    owners = [owner for owner, extra in sorted(EXTRA_SPLITS.items()) if split in extra]
+    where = f" (only {', '.join(owners)} has the split {split!r})" if owners else ""
+    raise ConfigError(f"split must be one of {', '.join(allowed)}, got {split!r}{where}")
 
 
 def download_hint(name: str, root: Path) -> str:
