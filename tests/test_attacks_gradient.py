@@ -17,6 +17,16 @@ from poisonbench.errors import ConfigError
 NAMES = ("tensorclog", "alignment")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for these tiny tensors (restored afterwards): on a shared,
+    loaded 2-core machine two OpenMP threads made a smoke craft 0.12 s → 18 s."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     g = torch.Generator().manual_seed(0)

@@ -196,7 +196,17 @@ def test_auxiliary_dataset_table():
 # --- end to end -------------------------------------------------------------------
 
 
-def test_one_simclr_epoch_writes_a_backbone_that_loads_strictly(capsys, tmp_path):
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread: on a CPU shared with other jobs, the views' many small
+    elementwise kernels spend most of their time waiting for a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_simclr_epoch_writes_a_backbone_that_loads_strictly(capsys, tmp_path, one_thread):
     out_file = tmp_path / "bb.safetensors"
     # A narrow small_cnn (width 8) keeps the run to a few seconds; the recipe's is width 32.
     code, out, err = run_cli(capsys, "pretrain", "simclr", "--dataset", "digits", "--model", "small_cnn",

@@ -43,7 +43,7 @@ def auxiliary_dataset(name: str, explicit: tuple[str, str] | None = None) -> tup
     if name not in AUXILIARY:
         known = ", ".join(sorted(AUXILIARY))
         raise ConfigError(f"dataset {name!r} has no default auxiliary data for pre-training "
-                          f"(defaults exist for {known}); name one explicitly")
+                          f"(defaults exist for {known}); name one explicitly (--aux DATASET:SPLIT)")
     return AUXILIARY[name]
 
 

@@ -58,8 +58,8 @@ class SupervisedParams:
 
 # The cpu recipe for digits' aux split (447 images) with small_cnn: the cpu profile's
 # victim recipe (configs/profiles/cpu.yaml: batch 64, lr 0.05, ÷10 for the last fifth)
-# over the SimCLR recipe's 20 epochs (measurements in poisonbench/pretrain/__init__.py).
-DIGITS = SupervisedParams(epochs=20, batch_size=64, lr=0.05, milestones=(16,))
+# over the SimCLR recipe's 40 epochs (measurements in poisonbench/pretrain/__init__.py).
+DIGITS = SupervisedParams(epochs=40, batch_size=64, lr=0.05, milestones=(32,))
 
 RECIPES: dict[str, SupervisedParams] = {"digits": DIGITS}
 
