@@ -247,8 +247,9 @@ def cmd_pretrain(args) -> None:
     result = pretrain(args.method, args.dataset, model=args.model, model_params=parse_sets(args.model_param),
                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, out=args.out,
                       data_root=args.data_root, aux=aux, on_start=lambda line: print(line, file=sys.stderr))
+    epochs = result.params["epochs"]
     print(f"{result.path}  ({result.method} {result.model} on {result.aux_dataset} {result.aux_split}, "
-          f"{result.aux_size} images, {result.params['epochs']} epochs; {result.seconds:.1f}s)")
+          f"{result.aux_size} images, {epochs} epoch{'s' * (epochs != 1)}; {result.seconds:.1f}s)")
 
 
 # ---------------------------------------------------------------------- parser

@@ -117,7 +117,7 @@ def pretrain(method: str, dataset: str, *, model: str | None = None, model_param
     num_classes = aux_set.num_classes if aux_name == dataset else load_imageset(dataset, data_root, "test").num_classes
     if on_start is not None:
         on_start(f"pre-training {model} with {method} on {aux_name} {aux_split} ({len(aux_set)} images, "
-                 f"{params.epochs} epochs), the auxiliary data for {dataset}")
+                 f"{params.epochs} epoch{'s' * (params.epochs != 1)}), the auxiliary data for {dataset}")
     quiet_lightning()
     L.seed_everything(seed, workers=True, verbose=False)
     start = time.perf_counter()

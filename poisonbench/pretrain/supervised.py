@@ -43,7 +43,7 @@ class SupervisedParams:
 
     def with_epochs(self, epochs: int) -> SupervisedParams:
         """The same recipe over ``epochs`` epochs, milestones at the same fractions of the run."""
-        milestones = tuple(max(1, round(m * epochs / self.epochs)) for m in self.milestones)
+        milestones = tuple(sorted({max(1, round(m * epochs / self.epochs)) for m in self.milestones}))
         return type(self)(**{**asdict(self), "epochs": epochs, "milestones": milestones})
 
     def train_config(self) -> dict:
