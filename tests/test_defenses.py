@@ -141,7 +141,6 @@ def _poisoned_accuracy(train, test, store, defense: str, params: dict, epochs: i
     return module.curve[-1][1]
 
 
-@pytest.mark.slow
 def test_adversarial_training_recovers_accuracy_under_synthetic_shortcuts(digits):
     """Table 4's first column in miniature: FGSM adversarial training (ε = 8/255)
     keeps more clean accuracy than no defense under synthetic shortcuts."""
@@ -150,7 +149,8 @@ def test_adversarial_training_recovers_accuracy_under_synthetic_shortcuts(digits
     store = ATTACKS.get("synthetic").craft(train, {"eps": 6 / 255, "patch": 8}, seed=0)
     none = _poisoned_accuracy(train, test, store, "none", {}, epochs=5)
     adv = _poisoned_accuracy(train, test, store, "adversarial_training", {"eps": 8 / 255}, epochs=5)
-    assert adv > none + 10, (none, adv)  # measured: 21.1 vs 56.9 (seeds 1, 2: 44.2 vs 57.6, 32.9 vs 64.0)
+    print(f"clean test accuracy under synthetic shortcuts: none {none:.1f}%, FGSM AT {adv:.1f}%")
+    assert adv > none + 10, (none, adv)  # measured: 21.1 vs 56.9 (other seeds 44.2 vs 57.6, 32.9 vs 64.0)
 
 
 # ------------------------------------------------------------------ pre-trained backbone

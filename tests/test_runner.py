@@ -12,6 +12,7 @@ import pytest
 
 from poisonbench.bench import runner
 from poisonbench.bench.jobs import job_state, runs_root
+from poisonbench.bench.spec import load_table
 from poisonbench.cli import main
 
 
@@ -73,8 +74,9 @@ def test_killed_run_finishes_every_job_exactly_once(monkeypatch):
     assert len(completed) == 1
     argv.remove("--rerun")
     assert main(argv) == 0
-    assert len(completed) == 3 and len(set(completed)) == 3
-    assert main(argv) == 0 and len(completed) == 3  # nothing left to do
+    jobs = len(load_table("demo/digits").cells())
+    assert len(completed) == jobs and len(set(completed)) == jobs
+    assert main(argv) == 0 and len(completed) == jobs  # nothing left to do
 
 
 def test_smoke_every_row_of_every_table(fixture_root):
@@ -116,12 +118,13 @@ def test_synthetic_attack_lowers_digits_accuracy():
     accuracy away; random noise of a larger ℓ∞ budget does not."""
     from poisonbench.bench.jobs import read_results
 
-    assert main(["run", "--table", "demo/digits", "--trials", "1"]) == 0
-    plan = runner.plan(runner.resolve_tables(None, "demo/digits"), profile=None, trials=1, rows=None,
+    rows = ["none", "random_noise", "synthetic"]  # the optimising attacks craft for minutes
+    assert main(["run", "--table", "demo/digits", "--trials", "1", "--rows", *rows]) == 0
+    plan = runner.plan(runner.resolve_tables(None, "demo/digits"), profile=None, trials=1, rows=rows,
                        fast_dev_run=False)[0]
     results = read_results(plan.jobs, runs_root())
     acc = {j.row: results[j.hash]["metrics"]["test_acc"] for j in plan.jobs}
-    assert acc["none"] > 85, acc
+    assert acc["none"] > 80, acc  # 900 training images since the aux split: 85-88 % measured
     assert acc["synthetic"] < acc["none"] - 30, acc
     assert abs(acc["random_noise"] - acc["none"]) < 8, acc
     assert (runner.leaderboards_dir() / "demo" / "digits.json").is_file()

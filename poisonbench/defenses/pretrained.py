@@ -33,6 +33,8 @@ A file that does not fit the backbone fails with a ``ConfigError`` that names th
 count and the first of the missing or unexpected keys (or the first shape mismatch).
 The job config holds the path, not the file: ``result.json`` records the file's
 sha256 next to it, so a backbone overwritten under the same name is visible.
+``write_fixture_weights`` puts a random backbone where a job expects its file, for
+smoke runs and tests on an isolated home (as ``poisonbench.data.fixtures`` does for data).
 """
 from __future__ import annotations
 
