@@ -37,3 +37,15 @@ def digits():
     from poisonbench.data import load_imageset
 
     return load_imageset("digits", split="train"), load_imageset("digits", split="test")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for tiny crafting workloads (restored afterwards): on a shared,
+    loaded 2-core machine two OpenMP threads made a smoke craft 0.12 s → 18 s."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

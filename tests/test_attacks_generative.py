@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 import poisonbench.attacks.deepconfuse as deepconfuse
 import poisonbench.attacks.ntga as ntga
-from poisonbench.attacks import ATTACKS, crafting
+from poisonbench.attacks import ATTACKS
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
+
+from crafting_checks import interrupt_then_resume
 
 # Three units each (rounds / blocks), so that a run interrupted after unit 1 resumes at unit 2.
 PARAMS = {
@@ -22,14 +24,7 @@ PARAMS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On the shared 2-core machine, two intra-op threads made these tiny workloads up to
-    # 100× slower than one (measured: a 3-round DeepConfuse craft, 8 s against 0.08 s of CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,26 +56,11 @@ def test_budget_clean_labels_and_seeds(name, tiny, reference):
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_interrupted_crafting_resumes_to_the_same_store(name, tiny, reference, tmp_path):
-    class Stop(Exception):
-        pass
-
-    def interrupt(unit: int) -> None:
-        if unit == 1:
-            raise Stop
-
-    path = tmp_path / "partial.safetensors"
-    attack = ATTACKS.get(name)
-    with crafting.crafting(crafting.CraftContext(checkpoint=path, every_s=0.0, on_unit=interrupt)):
-        with pytest.raises(Stop):
-            attack.craft(tiny, PARAMS[name], seed=3)
-    assert path.is_file()
-    ctx = crafting.CraftContext(checkpoint=path, every_s=0.0)
-    with crafting.crafting(ctx):
-        resumed = attack.craft(tiny, PARAMS[name], seed=3)
-    assert ctx.units_done == [2]  # units 0 and 1 came from the checkpoint
+    resumed, units = interrupt_then_resume(ATTACKS.get(name), tiny, PARAMS[name], 3,
+                                           tmp_path / "partial.safetensors")
+    assert units == [2]  # units 0 and 1 came from the checkpoint
     # Equal to the uninterrupted run, which was computed separately: deterministic too.
     assert torch.equal(resumed.images, reference[name].images)
-    assert not path.exists()
 
 
 # --------------------------------------------------------------------------- NTGA

@@ -8,23 +8,19 @@ import torch
 import torch.nn.functional as F
 
 import poisonbench.attacks.alignment as alignment
+import poisonbench.attacks.chunked_pgd as chunked_pgd
 import poisonbench.attacks.tensorclog as tensorclog
-from poisonbench.attacks import ATTACKS, crafting
+from poisonbench.attacks import ATTACKS
 from poisonbench.attacks.surrogate import build_crafting_model
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
 
+from crafting_checks import interrupt_then_resume
+
 NAMES = ("tensorclog", "alignment")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for these tiny tensors (restored afterwards): on a shared,
-    loaded 2-core machine two OpenMP threads made a smoke craft 0.12 s → 18 s."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,26 +54,10 @@ def test_clean_label_and_within_budget(tiny, stores, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_interrupted_crafting_resumes_to_the_same_store(tiny, stores, tmp_path, name):
     """Also the determinism check: every unit is computed twice, in two runs, and must agree."""
-    attack = ATTACKS.get(name)
-
-    class Stop(Exception):
-        pass
-
-    def interrupt(unit: int) -> None:
-        if unit == 1:
-            raise Stop
-
-    path = tmp_path / "partial.safetensors"
-    with crafting.crafting(crafting.CraftContext(checkpoint=path, every_s=0.0, on_unit=interrupt)):
-        with pytest.raises(Stop):
-            attack.craft(tiny, _params(name), seed=3)
-    assert path.is_file()
-    ctx = crafting.CraftContext(checkpoint=path, every_s=0.0)
-    with crafting.crafting(ctx):
-        resumed = attack.craft(tiny, _params(name), seed=3)
-    assert ctx.units_done == [2, 3]  # units 0 and 1 came from the checkpoint
+    resumed, units = interrupt_then_resume(ATTACKS.get(name), tiny, _params(name), 3,
+                                           tmp_path / "partial.safetensors")
+    assert units == [2, 3]  # units 0 and 1 came from the checkpoint
     assert torch.equal(resumed.images, stores[name].images)
-    assert not path.exists()
 
 
 def _model_and_batch():
@@ -91,7 +71,7 @@ def _model_and_batch():
 
 
 def _descend(objective, x, params):
-    delta, final = tensorclog.pgd_chunk(objective, x, params, torch.Generator().manual_seed(0))
+    delta, final = chunked_pgd.pgd_chunk(objective, x, params, torch.Generator().manual_seed(0))
     assert delta.abs().max() <= params.eps + 1e-6
     return delta, final
 

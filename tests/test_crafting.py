@@ -13,6 +13,8 @@ from poisonbench.attacks.surrogate import build_crafting_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.imageset import ImageSet
 
+from crafting_checks import interrupt_then_resume
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -74,24 +76,9 @@ def test_interrupted_crafting_resumes_to_the_same_store(tiny, tmp_path, name, pa
     full.setdefault("stop_accuracy", 101.0) if name == "error_minimizing" else None
     reference = attack.craft(tiny, full, seed=3)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(unit: int) -> None:
-        if unit == 1:
-            raise Stop
-
-    path = tmp_path / "partial.safetensors"
-    with crafting.crafting(crafting.CraftContext(checkpoint=path, every_s=0.0, on_unit=interrupt)):
-        with pytest.raises(Stop):
-            attack.craft(tiny, full, seed=3)
-    assert path.is_file()
-    ctx = crafting.CraftContext(checkpoint=path, every_s=0.0)
-    with crafting.crafting(ctx):
-        resumed = attack.craft(tiny, full, seed=3)
-    assert ctx.units_done and ctx.units_done[0] == 2  # units 0 and 1 came from the checkpoint
+    resumed, units = interrupt_then_resume(attack, tiny, full, 3, tmp_path / "partial.safetensors")
+    assert units and units[0] == 2  # units 0 and 1 came from the checkpoint
     assert torch.equal(resumed.images, reference.images)
-    assert not path.exists()  # the checkpoint is removed once the store exists
 
 
 def test_craft_cached_resumes_from_its_partial_file(tiny):

@@ -33,20 +33,19 @@ no alignment recipe):
   crafting model trained with forest's "conservative" recipe.
 
 The crafting driver (restart × chunk units, checkpoints, sharding, the store) is the
-one ``tensorclog`` defines, ``craft_by_chunks``.
+one of ``chunked_pgd``, ``craft_by_chunks``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from poisonbench.attacks.base import register_attack
-from poisonbench.attacks.surrogate import SurrogateRecipe
-from poisonbench.attacks.tensorclog import (ChunkObjective, check_pgd_params, craft_by_chunks,
-                                            parameter_gradient)
+from poisonbench.attacks.chunked_pgd import SMOKE, ChunkedPGDParams, ChunkObjective, craft_by_chunks
+from poisonbench.attacks.tensorclog import gradient_norm, parameter_gradient
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 
@@ -54,30 +53,15 @@ TARGETS = ("reverse_ce", "negative_ce")
 
 
 @dataclass(frozen=True)
-class AlignmentParams:
-    eps: float = 8 / 255  # ℓ∞ radius, pixel units (shortcuts Table 2)
-    target: str = "reverse_ce"  # target loss on clean data: reverse_ce (−log(1 − p_y), the paper) | negative_ce
-    steps: int = 250  # forest / adversarial_poisons --attackiter (assumed, see the module docstring)
-    tau: float = 0.05  # step size as a fraction of eps (adversarial_poisons --tau, PGD rule)
-    restarts: int = 8  # --restarts; the best (lowest final objective) is kept
-    init: str = "randn"  # --init: randn (Gaussian · eps, then projected) | uniform
-    augment: bool = True  # differentiable augmentation of the poisons while crafting (--paugment)
-    batch_size: int = 512  # --pbatch: gradients and the target are per batch
-    model: str = "resnet18"  # crafting model (shortcuts paper, Appendix E)
-    model_params: dict = field(default_factory=dict)
-    activation: str = "relu"  # relu | tanh (shortcuts Table 5)
-    surrogate_epochs: int = 40  # forest's "conservative" training recipe (SurrogateRecipe)
-    surrogate_lr: float = 0.1
-    surrogate_batch_size: int = 128
+class AlignmentParams(ChunkedPGDParams):
+    # target loss on clean data: reverse_ce (−log(1 − p_y), the paper) | negative_ce.
+    # steps/restarts/tau: the forest / adversarial_poisons defaults (assumed, see above).
+    target: str = "reverse_ce"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        check_pgd_params(self)
-
-    def recipe(self) -> SurrogateRecipe:
-        return SurrogateRecipe(epochs=self.surrogate_epochs, lr=self.surrogate_lr,
-                               batch_size=self.surrogate_batch_size)
+        super().__post_init__()
 
 
 def reverse_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -102,9 +86,7 @@ def target_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: 
 def cosine(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Cosine similarity of two parameter gradients, each flattened over all parameters."""
     dot = sum((u * v).sum() for u, v in zip(a, b))
-    norm_a = torch.sqrt(sum(u.pow(2).sum() for u in a))
-    norm_b = torch.sqrt(sum(v.pow(2).sum() for v in b))
-    return dot / (norm_a * norm_b).clamp_min(1e-12)
+    return dot / (gradient_norm(a) * gradient_norm(b)).clamp_min(1e-12)
 
 
 def alignment_objective(target: str):
@@ -121,10 +103,7 @@ def alignment_objective(target: str):
     return make
 
 
-SMOKE = {"model": "small_cnn", "model_params": {"width": 4, "pool": 1}, "steps": 3, "restarts": 2,
-         "batch_size": 32, "surrogate_epochs": 1, "surrogate_batch_size": 32}
-
-
 @register_attack("alignment", AlignmentParams, smoke=SMOKE)
 def craft(imageset: ImageSet, params: AlignmentParams, seed: int, device: torch.device) -> PoisonStore:
-    return craft_by_chunks(imageset, params, seed, device, "alignment", alignment_objective(params.target))
+    return craft_by_chunks(imageset, params, seed, device, "alignment", alignment_objective(params.target),
+                           parameter_gradients=True)

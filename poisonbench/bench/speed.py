@@ -106,7 +106,6 @@ def bench_datamodule(repeats: int) -> None:
 
 
 def bench_fit(steps: int, repeats: int) -> None:
-    import lightning as L
     import torch.nn.functional as F
 
     from poisonbench.data.augment import random_crop_flip, to_float

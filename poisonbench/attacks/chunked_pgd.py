@@ -1,0 +1,168 @@
+"""Chunked PGD against a fixed crafting model: the driver that ``adversarial``,
+``tensorclog`` and ``alignment`` share (the forest recipes of Geiping et al., used by
+Fowl et al. 2021b, github.com/lhfowl/adversarial_poisons).
+
+A crafting model is trained on clean data (``trained_model``) and kept in eval mode
+(the authors' ``client.eval()``). Each chunk of ``batch_size`` images gets ``steps``
+signed-gradient steps of ``tau``·ε descending an attack-specific objective, from a
+Gaussian (``randn``) or uniform start, with differentiable augmentation on while
+crafting; ``restarts`` whole passes are made and the one with the lowest summed
+final objective is kept (the authors average the batch losses of the last step and
+keep the restart with the minimal one).
+
+Work units are (restart, chunk): with the model fixed, running all steps on one chunk
+before the next equals the authors' step-outer loop over fixed batches up to random
+streams, and lets crafting resume after any chunk and shard the chunks over ranks
+(each rank crafts the chunks of its ``shard(n)``; the perturbations are gathered once,
+at the end, so the batches and the result depend on the number of ranks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from poisonbench.attacks import crafting
+from poisonbench.attacks.base import params_dict
+from poisonbench.attacks.quantize import add_levels, round_linf
+from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
+from poisonbench.data.augment import translate_flip
+from poisonbench.data.imageset import ImageSet
+from poisonbench.data.store import PoisonStore
+
+# A chunk's objective: built once per chunk from (model, clean images, labels, number of
+# classes), then called on the (augmented) poisoned inputs with ``create_graph`` telling
+# whether it will be differentiated w.r.t. the inputs. PGD descends it.
+ChunkObjective = Callable[[torch.Tensor, bool], torch.Tensor]
+ObjectiveFactory = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], ChunkObjective]
+
+
+@dataclass(frozen=True)
+class ChunkedPGDParams:
+    """What every chunked-PGD attack takes; defaults from adversarial_poisons'
+    ``village/options.py`` and forest's "conservative" training recipe."""
+
+    eps: float = 8 / 255  # ℓ∞ radius, pixel units (--eps 8; shortcuts Table 2)
+    steps: int = 250  # --attackiter
+    tau: float = 0.05  # step size as a fraction of eps (--tau, PGD rule)
+    restarts: int = 8  # --restarts; the best (lowest final objective) is kept
+    init: str = "randn"  # --init: randn (Gaussian · eps, then projected) | uniform
+    augment: bool = True  # differentiable augmentation while crafting (--paugment)
+    batch_size: int = 512  # --pbatch
+    model: str = "resnet18"  # crafting model (shortcuts paper, Appendix E; --net)
+    model_params: dict = field(default_factory=dict)
+    activation: str = "relu"  # relu | tanh (shortcuts Table 5)
+    surrogate_epochs: int = 40  # forest's "conservative" training recipe (SurrogateRecipe)
+    surrogate_lr: float = 0.1
+    surrogate_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.init not in ("randn", "uniform"):
+            raise ValueError(f"init must be randn or uniform, got {self.init!r}")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps must lie in (0, 1] (pixel units), got {self.eps}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+        for name in ("steps", "restarts", "batch_size", "surrogate_epochs", "surrogate_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def recipe(self) -> SurrogateRecipe:
+        return SurrogateRecipe(epochs=self.surrogate_epochs, lr=self.surrogate_lr,
+                               batch_size=self.surrogate_batch_size)
+
+
+# Smoke runs (--fast-dev-run, registry tests): the same path with a tiny crafting model.
+SMOKE = {"model": "small_cnn", "model_params": {"width": 4, "pool": 1}, "steps": 3, "restarts": 2,
+         "batch_size": 32, "surrogate_epochs": 1, "surrogate_batch_size": 32}
+
+
+def pgd_chunk(objective: ChunkObjective, x: torch.Tensor, params: ChunkedPGDParams,
+              generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """All signed PGD steps descending ``objective`` on one chunk; returns δ and the
+    chunk's objective after the last step (one more augmentation draw)."""
+    step_size = params.tau * params.eps
+    delta = crafting.random_start(tuple(x.shape), params.eps, "linf", generator, x.device, params.init)
+    delta = crafting.project(delta, x, params.eps, "linf")
+    for _ in range(params.steps):
+        delta.requires_grad_(True)
+        inputs = (x + delta).clamp(0.0, 1.0)
+        if params.augment:
+            inputs = translate_flip(inputs, generator=generator)
+        (grad,) = torch.autograd.grad(objective(inputs, True), delta)
+        delta = crafting.project(crafting.step(delta.detach(), grad, step_size, "linf", descend=True),
+                                 x, params.eps, "linf")
+    inputs = (x + delta).clamp(0.0, 1.0)
+    if params.augment:
+        inputs = translate_flip(inputs, generator=generator)
+    final = float(objective(inputs, False).detach())
+    return delta.detach(), final
+
+
+def craft_by_chunks(imageset: ImageSet, params: ChunkedPGDParams, seed: int, device: torch.device,
+                    name: str, make_objective: ObjectiveFactory,
+                    parameter_gradients: bool = False) -> PoisonStore:
+    """Restarts × chunks, each chunk's δ by ``pgd_chunk`` on the objective
+    ``make_objective`` builds for it; the restart with the lowest summed final objective
+    is kept. Resumable after any unit; sharded over ranks.
+
+    ``parameter_gradients``: the objective differentiates w.r.t. the model's parameters
+    (tensorclog, alignment), so they must require gradients; ``torch.autograd.grad``
+    never writes their ``.grad``.
+    """
+    ctx = crafting.context()
+    model, _ = trained_model(imageset, params.model, params.model_params, params.activation,
+                             params.recipe(), seed, device, progress=ctx.progress)
+    model.eval().requires_grad_(parameter_gradients)
+    n, c = len(imageset), imageset.num_classes
+    mine = crafting.shard(n)  # the sample positions this rank crafts
+    chunks = [mine[i:i + params.batch_size] for i in range(0, mine.numel(), params.batch_size)]
+    per_restart = len(chunks)
+
+    best = torch.zeros((mine.numel(), *imageset.images.shape[1:]))
+    best_loss = float("inf")
+    current = torch.zeros_like(best)
+    current_loss, first = 0.0, 0
+    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s)
+    resumed = checkpoint.load()
+    if resumed is not None:
+        unit, tensors, extras = resumed
+        best, current = tensors["best"], tensors["current"]
+        best_loss, current_loss, first = float(extras["best_loss"]), float(extras["current_loss"]), unit + 1
+
+    total = params.restarts * per_restart
+    with crafting.progress(f"{name} chunks", total) as advance:
+        advance(first)
+        for unit in range(first, total):
+            restart, k = divmod(unit, per_restart)
+            index = chunks[k]
+            lo = k * params.batch_size
+            x = imageset.images[index].to(device).float().div_(255)
+            y = imageset.labels[index].to(device)
+            gen = crafting.unit_generator(seed, unit, device)
+            delta, loss = pgd_chunk(make_objective(model, x, y, c), x, params, gen)
+            current[lo:lo + index.numel()] = delta.cpu()
+            current_loss += loss
+            if k == per_restart - 1:  # restart finished: keep it if its total objective is the lowest
+                total_loss = torch.tensor([current_loss], dtype=torch.float64)
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(total_loss)
+                if float(total_loss) < best_loss:
+                    best, best_loss = current.clone(), float(total_loss)
+                current_loss = 0.0
+            advance(1, loss)
+            checkpoint.save(unit, {"best": best, "current": current},
+                            {"best_loss": best_loss, "current_loss": current_loss})
+            crafting.finish_unit(unit)
+
+    levels = crafting.gather(round_linf(best, params.eps), n)
+    store = PoisonStore(
+        index=torch.arange(n, dtype=torch.int64), images=add_levels(imageset.images, levels),
+        labels=imageset.labels.clone(), attack=name, params=params_dict(params),
+        dataset=imageset.name, base_fingerprint=imageset.fingerprint, norm="linf", eps=params.eps, seed=seed,
+    )
+    checkpoint.remove()
+    return store
