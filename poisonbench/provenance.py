@@ -11,16 +11,23 @@ from pathlib import Path
 from poisonbench import __version__
 
 
+# The tracked paths whose edits change results (everything else is docs or output).
+RESULT_INPUTS = ("poisonbench", "configs", "pyproject.toml")
+
+
 @functools.lru_cache(maxsize=1)
 def commit() -> str:
-    """``$POISONBENCH_COMMIT``, else the checkout's short HEAD (``+dirty`` when edited)."""
+    """``$POISONBENCH_COMMIT``, else the checkout's short HEAD, ``+dirty`` when what makes a
+    number is edited: the package, the configs or the build file. Leaderboards and prose
+    are outputs; rendering one must not mark the next result dirty."""
     if os.environ.get("POISONBENCH_COMMIT"):
         return os.environ["POISONBENCH_COMMIT"]
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--", *RESULT_INPUTS],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

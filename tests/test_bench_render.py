@@ -155,11 +155,21 @@ def test_index_statuses(tmp_path):
         "q/extra": TableState(trials=1, completed=1, jobs=1, done=1),
     }
     files.write_text(tmp_path / "p" / "full.md", "x")
+    # A committed leaderboard whose runs are not on this disk: the index reads its provenance.
+    files.write_text(tmp_path / "p" / "idle.md", "x")
+    files.write_json(tmp_path / "p" / "idle.json", {"provenance": {
+        "profile": "cpu", "datasets": ["digits"], "trials": {"requested": 3, "completed": 2},
+        "jobs": {"requested": 12, "completed": 10}}})
+    files.write_text(tmp_path / "p" / "half.md", "x")
+    files.write_json(tmp_path / "p" / "half.json", {"provenance": {
+        "profile": "cpu", "datasets": ["digits"], "trials": {"requested": 3, "completed": 3},
+        "jobs": {"requested": 12, "completed": 12}}})
     text = render_index(tmp_path, catalogue, states).read_text()
     assert "## p: Paper P" in text
     assert "| p/absent | no spec yet | not implemented |  |  |" in text
-    assert "| p/idle | spec, no runs | not run | 0/40 |  |" in text
-    assert "| p/half | some runs | 3/20 trials | 10/40 |  |" in text
+    assert "| p/idle | spec, no runs | 2/3 trials | 10/12 | [p/idle.md](p/idle.md) (profile cpu, digits) |" in text
+    # Runs on disk win over what a leaderboard file says.
+    assert "| p/half | some runs | 3/20 trials | 10/40 | [p/half.md](p/half.md) |" in text
     assert "| p/full | all runs \\| piped | done | 40/40 | [p/full.md](p/full.md) |" in text
     assert "## Other tables" in text and "| q/extra |  | done | 1/1 |  |" in text
 

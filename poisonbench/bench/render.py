@@ -328,9 +328,29 @@ def _index_rows(entries: list[tuple[str, str]], out_dir: Path, states: Mapping[s
         state = states.get(table)
         status = "not implemented" if state is None else state.status
         jobs = "" if state is None else f"{state.done}/{state.jobs}"
-        link = f"[{table}.md]({table}.md)" if (out_dir / f"{table}.md").is_file() else ""
+        link = ""
+        if (out_dir / f"{table}.md").is_file():
+            link = f"[{table}.md]({table}.md)"
+            rendered = _rendered_state(out_dir / f"{table}.json")
+            if rendered is not None and (state is None or state.done == 0):
+                # The runs behind a committed leaderboard are not on this disk (or were
+                # made under another profile): the index says what the leaderboard holds.
+                status, jobs, made_with = rendered
+                link += f" ({made_with})"
         lines.append(f"| {table} | {_md(what)} | {status} | {jobs} | {link} |")
     return lines
+
+
+def _rendered_state(path: Path) -> tuple[str, str, str] | None:
+    """(status, jobs, "profile P, datasets") of a rendered leaderboard's provenance."""
+    try:
+        prov = json.loads(path.read_text())["provenance"]
+        state = TableState(trials=int(prov["trials"]["requested"]), completed=int(prov["trials"]["completed"]),
+                           jobs=int(prov["jobs"]["requested"]), done=int(prov["jobs"]["completed"]))
+        made_with = f"profile {prov['profile']}, {', '.join(prov.get('datasets') or [])}".rstrip(", ")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state.status, f"{state.done}/{state.jobs}", made_with
 
 
 # --------------------------------------------------------------------------- everything
