@@ -147,10 +147,12 @@ def test_adversarial_training_recovers_accuracy_under_synthetic_shortcuts(digits
     train, test = digits
     quiet_lightning()
     store = ATTACKS.get("synthetic").craft(train, {"eps": 6 / 255, "patch": 8}, seed=0)
-    none = _poisoned_accuracy(train, test, store, "none", {}, epochs=5)
-    adv = _poisoned_accuracy(train, test, store, "adversarial_training", {"eps": 8 / 255}, epochs=5)
+    # 10 epochs, not 5: after 5 the undefended model has not always locked onto the
+    # shortcut yet (torch 2.14, seed 0: 51.1 vs 57.1).
+    none = _poisoned_accuracy(train, test, store, "none", {}, epochs=10)
+    adv = _poisoned_accuracy(train, test, store, "adversarial_training", {"eps": 8 / 255}, epochs=10)
     print(f"clean test accuracy under synthetic shortcuts: none {none:.1f}%, FGSM AT {adv:.1f}%")
-    assert adv > none + 10, (none, adv)  # measured: 21.1 vs 56.9 (other seeds 44.2 vs 57.6, 32.9 vs 64.0)
+    assert adv > none + 20, (none, adv)  # measured, seeds 0/1/2: 44.0 vs 84.9, 19.8 vs 79.8, 28.7 vs 82.4
 
 
 # ------------------------------------------------------------------ pre-trained backbone
