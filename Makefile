@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-demo: install pretrain-digits
+demo: install
 	$(PB) run --suite demo
 
 # The cpu profile's feature extractor (demo/digits-defenses): SimCLR on the digits
-# `aux` split, which is disjoint from the training split. Skipped when it exists.
+# `aux` split, which is disjoint from the training split. Skipped when it exists; the
+# first job that needs it makes the same file otherwise (cpu profile: `pretrain:`).
 pretrain-digits: install
 	$(PB) pretrain simclr --dataset digits --model small_cnn --model-param pool=1 --if-missing
 

@@ -32,10 +32,11 @@ def _config(**layers) -> dict:
     from poisonbench.bench.spec import DEFAULTS
 
     config = copy.deepcopy(DEFAULTS)
-    config.update(dataset="digits", model="small_cnn", model_params={"pool": 1}, **layers)
+    config.update(dataset="digits", model="small_cnn", model_params={"pool": 1})
     config["train"].update(epochs=1, batch_size=64, lr=0.05, milestones=[], accelerator="cpu")
     config.update(table="adhoc", row="r", column="c", trial=0, seed=0, poison_seed=0,
                   profile="none", fast_dev_run=False)
+    config.update(layers)
     return config
 
 
@@ -177,15 +178,87 @@ def test_pretrained_weights_round_trip(tmp_path):
     assert len(defense.describe()["weights_sha256"]) == 64
 
 
-def test_fixture_weights_for_smoke_runs():
-    from poisonbench.defenses.pretrained import write_fixture_weights
+def test_fast_dev_run_keeps_the_fresh_backbone_when_the_file_is_missing():
+    defense = build_defense("pretrained", {"weights": "backbones/test_absent.safetensors"})
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, pool=1)
+    assert defense.prepare_model(model, 10, config=_config(fast_dev_run=True)) is model
+    assert not defense.weights_path.exists() and defense.describe()["weights_sha256"] is None
+    with pytest.raises(ConfigError, match="does not exist.*pretrain"):  # a real run needs the file
+        defense.prepare_model(model, 10, config=_config())
 
-    config = _config(defense="pretrained", defense_params={"weights": "backbones/test_fixture.safetensors"})
-    path = write_fixture_weights(config, 10)
-    assert path == home() / "backbones" / "test_fixture.safetensors" and path.is_file()
-    assert write_fixture_weights(config, 10) is None  # never overwritten
-    assert write_fixture_weights(_config(), 10) is None  # no pretrained defense
-    build_defense("pretrained", config["defense_params"]).prepare_model(build_model("small_cnn", 10, pool=1), 10)
+
+def test_missing_backbone_is_pretrained_once_by_the_job_that_needs_it():
+    from safetensors import safe_open
+
+    params = {"weights": "backbones/test_auto_simclr.safetensors", "pretrain": {"method": "simclr", "epochs": 1}}
+    defense = build_defense("pretrained", params)
+    config = _config(defense="pretrained", defense_params=params)
+    torch.manual_seed(1)
+    model = defense.prepare_model(build_model("small_cnn", 10, pool=1), 10, config=config)
+    path = defense.weights_path
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    # The job's own model on digits' disjoint aux split, as `poisonbench pretrain` makes it.
+    assert meta["method"] == "simclr" and meta["aux_split"] == "aux" and json.loads(meta["model_params"]) == {"pool": 1}
+    stamp = path.stat().st_mtime_ns
+    again = defense.prepare_model(build_model("small_cnn", 10, pool=1), 10, config=config)
+    assert path.stat().st_mtime_ns == stamp  # loaded, not pre-trained again
+    for a, b in zip(model.backbone.state_dict().values(), again.backbone.state_dict().values()):
+        assert torch.equal(a, b)
+    for bad, match in (({"epochs": 1}, "method"), ({"method": "simclr", "lr": 1}, "unknown pretrain key"),):
+        with pytest.raises(ConfigError, match=match):
+            build_defense("pretrained", {"weights": "x.safetensors", "pretrain": bad})
+
+
+def test_download_writes_timm_weights_to_the_local_file(monkeypatch):
+    """Online (timm.create_model stands in for the hub): the published weights become the
+    local file once, in timm's layout, and load into the defense's backbone."""
+    import timm
+
+    calls = []
+    real = timm.create_model
+
+    def hub(arch, pretrained=False, **kw):
+        calls.append((arch, pretrained))
+        torch.manual_seed(7)  # "the published weights": a fixed init
+        return real(arch, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", hub)
+    params = {"weights": "backbones/test_timm_hub.safetensors", "model": "timm:resnet18.a1_in1k", "download": True}
+    defense = build_defense("pretrained", params)
+    loaded = defense.prepare_model(build_model("small_cnn", 10), 10, config=_config()).eval()
+    assert ("resnet18.a1_in1k", True) in calls and defense.weights_path.is_file()
+    torch.manual_seed(7)
+    published = real("resnet18.a1_in1k", pretrained=False).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.backbone(loaded.normalize(x)),
+                              published.forward_head(published.forward_features(loaded.normalize(x)), pre_logits=True))
+    calls.clear()
+    defense.prepare_model(build_model("small_cnn", 10), 10, config=_config())
+    assert ("resnet18.a1_in1k", True) not in calls  # the local file is read, nothing fetched again
+    with pytest.raises(ConfigError, match="timm"):
+        build_defense("pretrained", {"weights": "x.safetensors", "download": True})
+
+
+def test_download_offline_is_one_sentence_and_exit_2(tmp_path):
+    """The real hub client with the network switched off: one line, exit code 2, no file."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "POISONBENCH_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "poisonbench", "train", "--dataset", "digits", "--model", "small_cnn",
+           "--scenario", "linear_eval", "--profile", "paper", "--set", "defense=pretrained",
+           "defense_params.weights=backbones/hub.safetensors", "defense_params.model=timm:resnet18.a1_in1k",
+           "defense_params.download=true"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot download the pre-trained weights of timm model 'resnet18.a1_in1k'" in lines[0]
+    assert not (tmp_path / "home" / "backbones" / "hub.safetensors").exists()
 
 
 def test_pretrained_mismatch_names_the_keys(tmp_path):
@@ -269,5 +342,8 @@ def test_finetune_job_loads_the_backbone_fast_dev_run(tmp_path):
                      defense_params={"weights": str(tmp_path / "backbone.safetensors")})
     result = run_job(config, tmp_path / "job")
     assert result["defense"]["weights_sha256"] and 0 <= result["metrics"]["test_acc"] <= 100
-    with pytest.raises(ConfigError, match="does not exist"):
-        run_job({**config, "defense_params": {"weights": str(tmp_path / "absent.safetensors")}}, tmp_path / "job2")
+    absent = {"weights": str(tmp_path / "absent.safetensors")}
+    smoke = run_job({**config, "defense_params": absent}, tmp_path / "job2")  # smoke runs keep a fresh backbone
+    assert smoke["defense"]["weights_sha256"] is None
+    with pytest.raises(ConfigError, match="does not exist"):  # a real run needs the file
+        run_job({**config, "fast_dev_run": False, "defense_params": absent}, tmp_path / "job3")

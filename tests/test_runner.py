@@ -16,35 +16,9 @@ from poisonbench.bench.spec import load_table
 from poisonbench.cli import main
 
 
-def provide_backbones(suite: str) -> None:
-    """A freshly initialised backbone file wherever a cell's `pretrained` defense expects
-    one (nothing is downloaded in tests; `poisonbench pretrain` makes real ones)."""
-    from safetensors.torch import save_file
-
-    from poisonbench.defenses.pretrained import resolve_weights
-    from poisonbench.models import build_model
-
-    for plan in runner.plan(runner.resolve_tables(suite, None), profile=None, trials=None, rows=None,
-                            fast_dev_run=True):
-        for job in plan.jobs:
-            config = job.config
-            if config["defense"] != "pretrained":
-                continue
-            params = config["defense_params"]
-            path = resolve_weights(params["weights"])
-            if path.exists():
-                continue
-            name = params.get("model") or config["model"]
-            model_params = params.get("model_params") if params.get("model") else config["model_params"]
-            model = build_model(name, 100 if config["dataset"] == "cifar100" else 10, **dict(model_params or {}))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-
-
 def test_fast_dev_run_demo_renders_nothing(tmp_path):
     plans = runner.plan(runner.resolve_tables("demo", None), profile=None, trials=None, rows=None, fast_dev_run=True)
     assert [len(p.jobs) for p in plans] == [len(p.spec.cells()) for p in plans]  # one trial per cell by default
-    provide_backbones("demo")
     assert main(["run", "--suite", "demo", "--fast-dev-run"]) == 0
     assert all(job_state(j, runs_root()) == "done" for j in plans[0].jobs)
     assert not (runner.leaderboards_dir() / "demo" / "digits.md").exists()
@@ -81,8 +55,8 @@ def test_killed_run_finishes_every_job_exactly_once(monkeypatch):
 
 def test_smoke_every_row_of_every_table(fixture_root):
     """`make smoke` inside `make test`: every row of every table, one batch each, on
-    fixture files in the real formats."""
-    provide_backbones("all")
+    fixture files in the real formats, on a fresh home (no backbone files: a smoke run
+    keeps the fresh backbone where a pretrained defense's file is missing)."""
     assert main(["run", "--suite", "all", "--fast-dev-run", "--data-root", str(fixture_root)]) == 0
     for p in runner.plan(runner.resolve_tables("all", None), profile=None, trials=None, rows=None, fast_dev_run=True):
         assert all(job_state(j, runs_root()) == "done" for j in p.jobs), p.spec.id

@@ -94,8 +94,11 @@ class Defense:
     def on_before_optimizer_step(self, model: ImageClassifier, optimizer: torch.optim.Optimizer) -> None:
         """Change ``p.grad`` of the model's parameters in place before the step."""
 
-    def prepare_model(self, model: ImageClassifier, num_classes: int) -> ImageClassifier:
-        """The network to train (the victim as built, or a replacement)."""
+    def prepare_model(self, model: ImageClassifier, num_classes: int, *, config: Mapping | None = None,
+                      data_root: str | None = None) -> ImageClassifier:
+        """The network to train (the victim as built, or a replacement). ``config`` is the
+        resolved job config and ``data_root`` where its data lives, for a defense that
+        first makes what it needs (the ``pretrained`` defense pre-trains its backbone)."""
         return model
 
 

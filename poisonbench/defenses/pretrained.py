@@ -16,7 +16,7 @@ what is trained on top is the scenario's business:
 Parameters:
 
 - ``weights``: a local ``.safetensors`` file or PyTorch state dict (read with
-  ``weights_only=True``; nothing is downloaded), in either layout that
+  ``weights_only=True``), in either layout that
   ``poisonbench.models.weights`` accepts (a poisonbench ``model.state_dict()`` or a
   bare timm backbone). A relative path is taken relative to the poisonbench home
   (``$POISONBENCH_HOME``, default ``~/.cache/poisonbench``), never to the working
@@ -29,12 +29,25 @@ Parameters:
   upsamples to 224×224 with bicubic interpolation); left out, the weights go into
   the victim model the job built.
 
+- ``download: true``: when the file is missing, fetch the published weights of the timm
+  ``model`` (``timm:resnet50.a1_in1k``) into it (``poisonbench.models.hub``; needs
+  network once, the only download of weights poisonbench makes).
+- ``pretrain``: when the file is missing, pre-train it first with ``poisonbench
+  pretrain``'s code (``poisonbench.pretrain.run.pretrain``), e.g. ``{method: simclr}``;
+  the backbone is the defense's ``model`` or else the job's own model, on the
+  auxiliary data of ``dataset`` (default the job's dataset; digits: its disjoint
+  ``aux`` split), with the optional ``epochs``, ``batch_size`` and ``seed`` (0). The
+  cpu profile uses it, so a fresh machine runs the defense tables with no step first.
+  Parallel jobs that find the file missing at once each pre-train it (same seed, same
+  file, written atomically); run one job first to pay it once.
+- Under ``fast_dev_run`` a missing file is not an error and nothing is fetched or
+  pre-trained: the smoke run keeps the freshly initialised backbone (same code path,
+  one batch), and ``result.json`` says so (``weights_sha256: null``).
+
 A file that does not fit the backbone fails with a ``ConfigError`` that names the
 count and the first of the missing or unexpected keys (or the first shape mismatch).
 The job config holds the path, not the file: ``result.json`` records the file's
 sha256 next to it, so a backbone overwritten under the same name is visible.
-``write_fixture_weights`` puts a random backbone where a job expects its file, for
-smoke runs and tests on an isolated home (as ``poisonbench.data.fixtures`` does for data).
 """
 from __future__ import annotations
 
@@ -47,10 +60,14 @@ import torch
 from safetensors.torch import save_file
 
 from poisonbench.defenses.base import Defense, register_defense
+from poisonbench.errors import ConfigError
 from poisonbench.files import atomic_path, home
 from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.models.weights import load_weights
+
+
+PRETRAIN_KEYS = ("method", "dataset", "epochs", "batch_size", "seed")
 
 
 @dataclass(frozen=True)
@@ -58,8 +75,23 @@ class PretrainedParams:
     weights: str  # local weights file; relative paths are under the poisonbench home
     model: str | None = None  # backbone architecture when it is not the job's model
     model_params: dict = field(default_factory=dict)  # its build_model parameters
+    download: bool = False  # fetch a timm model's published weights when the file is missing
+    pretrain: dict | None = None  # pre-train the file when missing: {method, dataset, epochs, batch_size, seed}
 
     def __post_init__(self) -> None:
+        if not isinstance(self.download, bool):
+            raise ValueError(f"download must be true or false, got {self.download!r}")
+        if self.pretrain is not None:
+            if not isinstance(self.pretrain, dict) or "method" not in self.pretrain:
+                raise ValueError(f"pretrain must be a mapping with a method (simclr or supervised), got {self.pretrain!r}")
+            unknown = sorted(set(self.pretrain) - set(PRETRAIN_KEYS))
+            if unknown:
+                raise ValueError(f"unknown pretrain key {unknown[0]!r}; allowed: {', '.join(PRETRAIN_KEYS)}")
+            object.__setattr__(self, "pretrain", dict(self.pretrain))
+        if self.download and self.pretrain is not None:
+            raise ValueError("give download or pretrain, not both: they are two ways to make the same file")
+        if self.download and not str(self.model or "").startswith("timm:"):
+            raise ValueError(f"download needs model: timm:<arch>[.<tag>] (the weights timm publishes), got {self.model!r}")
         if not isinstance(self.weights, str) or not self.weights.strip():
             raise ValueError(f"weights must be the path of a local weights file, got {self.weights!r}")
         if self.model is not None and not isinstance(self.model, str):
@@ -94,37 +126,41 @@ class Pretrained(Defense):
     def weights_path(self) -> Path:
         return resolve_weights(self.params.weights)
 
-    def prepare_model(self, model: ImageClassifier, num_classes: int) -> ImageClassifier:
+    def prepare_model(self, model: ImageClassifier, num_classes: int, *, config: Mapping | None = None,
+                      data_root: str | None = None) -> ImageClassifier:
+        config = config or {}
         if self.params.model is not None:
             model = build_model(self.params.model, num_classes, **self.params.model_params)
-        return load_weights(model, self.weights_path)  # ConfigError naming keys on a mismatch
+        path = self.weights_path
+        if not path.is_file():
+            if config.get("fast_dev_run"):
+                return model  # a smoke run: the same path with a fresh backbone (module docstring)
+            if self.params.download:
+                from poisonbench.models.hub import fetch_timm_weights
+
+                fetch_timm_weights(self.params.model, path)
+            elif self.params.pretrain is not None:
+                self._pretrain(path, config, data_root)
+        return load_weights(model, path)  # ConfigError naming keys on a mismatch, or a missing file
+
+    def _pretrain(self, path: Path, config: Mapping, data_root: str | None) -> None:
+        from poisonbench.pretrain.run import pretrain
+
+        recipe = self.params.pretrain
+        if self.params.model is not None:
+            model, model_params = self.params.model, self.params.model_params
+        elif "model" in config:
+            model, model_params = config["model"], dict(config.get("model_params") or {})
+        else:
+            raise ConfigError("pretrain needs the backbone's architecture: give the defense a model, or run it in a job")
+        dataset = recipe.get("dataset") or config.get("dataset")
+        if dataset is None:
+            raise ConfigError("pretrain needs the dataset to defend: give pretrain a dataset, or run it in a job")
+        pretrain(recipe["method"], dataset, model=model, model_params=model_params, epochs=recipe.get("epochs"),
+                 batch_size=recipe.get("batch_size"), seed=int(recipe.get("seed", 0)), out=path,
+                 data_root=data_root)
 
     def describe(self) -> dict:
         path = self.weights_path
         return {**super().describe(), "weights_path": str(path),
                 "weights_sha256": file_sha256(path) if path.is_file() else None}
-
-
-
-def write_fixture_weights(config: Mapping, num_classes: int = 10, seed: int = 0) -> Path | None:
-    """For smoke runs and tests only: a randomly initialised backbone written where the
-    job ``config``'s ``pretrained`` defense expects its weights, when no file is there.
-    ``num_classes`` only shapes the saved head, which a model of another size skips.
-
-    Returns the path written, or ``None`` (another defense, or the file exists). Never
-    call it on a real poisonbench home: a later real run would load the random weights.
-    """
-    if config.get("defense") != "pretrained":
-        return None
-    defense = Pretrained(config.get("defense_params"))
-    path = defense.weights_path
-    if path.exists():
-        return None
-    torch.manual_seed(seed)
-    if defense.params.model is not None:
-        model = build_model(defense.params.model, num_classes, **defense.params.model_params)
-    else:
-        model = build_model(config["model"], num_classes, **dict(config.get("model_params") or {}))
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    return path

@@ -8,8 +8,9 @@ read-out) is expressed: ``model: timm:<arch>`` with ``weights: <local file>`` an
 224×224 before the extractor (Appendix E). The resize is done by the model's
 ``normalize`` layer, so data and attacks stay at 32×32 in pixel space.
 
-timm is always called with ``pretrained=False``: nothing is downloaded, and weights
-come only from ``weights`` (see ``poisonbench.models.weights``). The timm model is
+timm is always called with ``pretrained=False`` here: weights come only from the
+local file ``weights`` (see ``poisonbench.models.weights``). Published timm weights
+become such a file through ``poisonbench.models.hub`` when a config asks for them. The timm model is
 built headless (``num_classes=0``), so it returns pooled pre-logit features, and
 poisonbench's own ``head`` is the classifier.
 

@@ -34,8 +34,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(
-            f"model weights file {str(file)!r} does not exist; give a local .safetensors or "
-            "PyTorch state-dict file (poisonbench downloads no weights)"
+            f"model weights file {str(file)!r} does not exist; give a local .safetensors or PyTorch "
+            "state-dict file, or let the pretrained defense make it (download: true for a timm model's "
+            "published weights, or pretrain: {method: simclr})"
         )
     try:
         if file.suffix == ".safetensors":

@@ -159,7 +159,8 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     device = compute_device(train_cfg)
     filtered = filter_training_set(defense, datamodule, config, device)
     model = build_model(config["model"], base.num_classes, **dict(config.get("model_params") or {}))
-    model = defense.prepare_model(model, base.num_classes)
+    model = defense.prepare_model(model, base.num_classes, config=config,
+                                  data_root=None if data_root is None else str(data_root))
 
     if scenario == "linear_eval":
         outcome, write = _linear_eval(model, datamodule, config, device, fast), True
