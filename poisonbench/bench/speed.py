@@ -1,38 +1,248 @@
-"""``make bench``: the speed targets of the foundation, as ratios measured in one run.
+"""``make bench``: the speed figures of poisonbench, each measured in one run.
 
-1. ``synthetic`` on 50,000 CIFAR-shaped images on one CPU core (target ≤ 0.5 s),
-   beside a straightforward float32 implementation (the authors' NumPy recipe).
-2. PoisonedDataModule throughput vs plain uint8 tensor indexing of the same batches
-   (target ratio ≤ 1.3).
-3. Lightning ``fit`` vs a plain PyTorch loop: same model, batches and steps, CPU
-   (target ratio ≤ 1.15).
+CPU baselines, each a ratio against a plain implementation timed in the same run:
 
-Timings are medians over repeats after a warm-up; the first (cold) call is printed
-too, since it pays the page faults of fresh allocations.
+1. ``synthetic``: the ``synthetic`` attack on 50,000 CIFAR-shaped images on one CPU
+   core (target ≤ 0.5 s), beside a straightforward float32 implementation (the
+   authors' NumPy recipe).
+2. ``datamodule``: PoisonedDataModule throughput vs plain uint8 tensor indexing of the
+   same batches (target ratio ≤ 1.3).
+3. ``fit``: Lightning ``fit`` vs a plain PyTorch loop: same model, batches and steps,
+   CPU (target ratio ≤ 1.15).
+
+Costs on each ``--device`` (no target; what a run will take):
+
+4. ``crafting``: seconds per 1,000 images per PGD step of ``error_minimizing`` (its
+   own ``_min_min``: eval mode, no augmentation) and ``adversarial`` (the shared
+   ``chunked_pgd.pgd_chunk`` with its objective, differentiable ``translate_flip`` on),
+   for the paper's crafting model (ResNet-18) and the cpu profile's ``small_cnn``
+   (pool 1, width 16), with the memory peak: CUDA ``max_memory_allocated``, or on
+   the CPU the growth of the resident set, sampled.
+5. ``projection``: the PGD cost of ``adversarial`` on CIFAR-10 (250 steps × 50,000
+   images × 1 or 8 restarts, ResNet-18), projected from the measured time of a few
+   steps, beside the authors' "several hours" (Fowl et al. 2021b). The crafting
+   model's own training is not included.
+6. ``features``: images/s of ``linear_eval.extract_features`` (uncached) through a
+   ResNet-18 backbone: the CIFAR-form ``resnet18`` at 32×32, timm's ``resnet18`` at
+   32×32, and timm's ``resnet18`` with ``image_size: 224`` (bicubic resize in the
+   model's ``normalize`` layer, as the ``pretrained`` defense builds its ImageNet
+   extractors; the shortcuts paper, Appendix E).
+7. ``lbfgs``: seconds of ``probe.fit_lbfgs`` with linear_eval's probe (50 L-BFGS
+   steps, Appendix E) on 50,000 × 512 random features and 10 classes.
+
+``--only crafting,features`` picks sections (default: all). ``--device`` says where
+sections 4–7 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
+depend on the device (small on a CPU) and are printed with every figure.
+
+Timings are medians over repeats after a warm-up, with ``torch.cuda.synchronize``
+around every GPU timing; the first (cold) call is printed where it matters, since it
+pays the page faults of fresh allocations.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import math
+import os
 import platform
 import statistics
+import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
+SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs")
+MiB, GiB = 2**20, 2**30
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(cold seconds, median warm seconds)."""
+# ----------------------------------------------------------------------- helpers
+
+
+def sync(device: torch.device | None) -> None:
+    """Wait for the work queued on a GPU, so that a clock reading covers it."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device | None = None) -> tuple[float, float]:
+    """(cold seconds, median warm seconds); each call synchronised on a GPU ``device``."""
+    sync(device)
     start = time.perf_counter()
     fn()
+    sync(device)
     cold = time.perf_counter() - start
     warm = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync(device)
         warm.append(time.perf_counter() - start)
     return cold, statistics.median(warm)
+
+
+def sig(x: float, digits: int = 3) -> str:
+    """``x`` with ``digits`` significant digits in fixed notation (no 1.2e+03), thousands grouped."""
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(x)))))
+    return f"{round(x, decimals):,.{decimals}f}"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def parse_sections(spec: str) -> list[str]:
+    """The sections a comma list names, in the order of ``SECTIONS``."""
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    for name in names:
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(name, SECTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--only: unknown section {name!r}; known: {', '.join(SECTIONS)}{hint}")
+    if not names:
+        raise ValueError(f"--only: no section named; known: {', '.join(SECTIONS)}")
+    return [name for name in SECTIONS if name in names]
+
+
+def parse_devices(spec: str) -> list[torch.device]:
+    """``auto``: the CPU, and the current CUDA device when CUDA is available; otherwise
+    the devices of a comma list (``cpu``, ``cuda``, ``cuda:1``), each checked."""
+    if spec.strip() == "auto":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices: list[torch.device] = []
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            device = torch.device(part)
+        except RuntimeError:
+            raise ValueError(f"--device: {part!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device: {part!r} is neither the CPU nor a CUDA device; "
+                             "expected auto, cpu, cuda or cuda:N")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {part}: CUDA is not available here; use cpu or auto")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {part}: there are {torch.cuda.device_count()} CUDA devices")
+        if device not in devices:
+            devices.append(device)
+    return devices
+
+
+@contextlib.contextmanager
+def temporary_home() -> Iterator[str]:
+    """``$POISONBENCH_HOME`` pointed at an empty temporary folder, so that no cache is hit."""
+    saved = os.environ.get("POISONBENCH_HOME")
+    with tempfile.TemporaryDirectory(prefix="poisonbench-bench-") as folder:
+        os.environ["POISONBENCH_HOME"] = folder
+        try:
+            yield folder
+        finally:
+            if saved is None:
+                os.environ.pop("POISONBENCH_HOME", None)
+            else:
+                os.environ["POISONBENCH_HOME"] = saved
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``), so that
+    a rise of the resident set counts pages a block needs, not pages freed before it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class MemoryPeak:
+    """The memory peak of a ``with`` block on ``device``; ``str()`` says what was measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, and how
+    far it rose over what was allocated when the block began (the model and the batch).
+    CPU: how far the process's resident set rose over its size when the block began,
+    read from /proc/self/statm every 5 ms by a thread (torch's kernels release the GIL),
+    after glibc's ``malloc_trim`` has returned the heap's free pages; memory the
+    allocator still holds and reuses is not counted, so it is a lower bound. Without
+    /proc: the rise of the lifetime peak ``ru_maxrss``, which stays 0 unless the block
+    sets a new peak for the process.
+    """
+
+    INTERVAL_S = 0.005
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.text = "memory not measured"
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> MemoryPeak:
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._trimmed = _trim_heap()
+            self._start = self._peak = _rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            self._start = _maxrss_bytes()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.text = (f"peak CUDA memory {peak / GiB:.2f} GiB (max_memory_allocated; "
+                         f"+{(peak - self._start) / GiB:.2f} GiB over the model and batch)")
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            rise = max(self._peak, _rss_bytes()) - self._start
+            trimmed = "after malloc_trim; " if self._trimmed else ""
+            self.text = (f"peak RSS +{rise / MiB:.0f} MiB over the start (/proc/self/statm every 5 ms, "
+                         f"{trimmed}a lower bound: memory the allocator reuses is not counted)")
+        else:
+            rise = _maxrss_bytes() - self._start
+            self.text = f"ru_maxrss +{rise / MiB:.0f} MiB (0 unless this sets the process's peak)"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def device_header(device: torch.device) -> str:
+    props = torch.cuda.get_device_properties(device)
+    return (f"GPU {device}: {torch.cuda.get_device_name(device)}, {props.total_memory / GiB:.0f} GiB, "
+            f"CUDA {torch.version.cuda}")
+
+
+# ------------------------------------------------------------------- CPU baselines
 
 
 def fake_cifar(n: int, classes: int = 10, seed: int = 0):
@@ -68,6 +278,7 @@ def straightforward_synthetic(base, eps: float = 6 / 255, patch: int = 8, seed: 
 def bench_synthetic(repeats: int) -> None:
     from poisonbench.attacks import ATTACKS
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     base = fake_cifar(50_000)
     attack = ATTACKS.get("synthetic")
@@ -76,7 +287,7 @@ def bench_synthetic(repeats: int) -> None:
     _, naive = timed(lambda: straightforward_synthetic(base), max(1, repeats // 2))
     print(f"synthetic, 50,000 × 3×32×32, 1 core: {ours:.3f} s (cold {cold:.3f} s; target ≤ 0.5 s); "
           f"straightforward float32: {naive:.3f} s; speed-up {naive / ours:.1f}×")
-    torch.set_num_threads(torch.get_num_interop_threads())
+    torch.set_num_threads(threads)
 
 
 def bench_datamodule(repeats: int) -> None:
@@ -150,16 +361,276 @@ def bench_fit(steps: int, repeats: int) -> None:
           f"ratio {t_fit / t_plain:.2f} (target ≤ 1.15)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40)
-    args = parser.parse_args()
+# ------------------------------------------------------------- costs per device
+
+CRAFT_ATTACKS = ("error_minimizing", "adversarial")
+# The paper's crafting model (shortcuts, Appendix E) and the cpu profile's
+# (configs/profiles/cpu.yaml, attack_override).
+CRAFT_MODELS: dict[str, dict] = {"resnet18": {}, "small_cnn": {"pool": 1, "width": 16}}
+CRAFT_STEPS = {"cpu": (1, 3), "cuda": (3, 10)}  # (warm-up, timed) PGD steps per device type
+# Images per PGD batch: the attacks' batch_size (512) on a GPU; fewer on a CPU, where
+# one ResNet-18 step on 512 images takes half a minute.
+CRAFT_BATCH = {"cpu": {"resnet18": 64, "small_cnn": 256}, "cuda": {"resnet18": 512, "small_cnn": 512}}
+CRAFT_WHAT = {"error_minimizing": "its _min_min: eval mode, no augmentation",
+              "adversarial": "chunked_pgd.pgd_chunk: eval mode, translate_flip on"}
+
+
+class StepClock(nn.Module):
+    """A crafting model that notes the (synchronised) time of each forward call.
+
+    PGD calls its model once per step, so the gaps between calls are whole steps as the
+    attack runs them (forward, backward, signed step, projection, the next input's
+    clamp and augmentation), without the random start before the first step.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model, self.device = model, device
+        self.stamps: list[float] = []
+
+    def stamp(self) -> None:
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stamp()
+        return self.model(x)
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+@dataclass
+class StepCost:
+    attack: str
+    model: str
+    device: torch.device
+    batch: int
+    steps: int
+    step_s: float  # median seconds of one PGD step on ``batch`` images
+    memory: str
+
+    @property
+    def per_1000_s(self) -> float:
+        return self.step_s * 1000 / self.batch
+
+
+def craft_step(attack: str, model_name: str, model_params: dict, device: torch.device, batch: int,
+               steps: int, warmup: int, seed: int = 0) -> StepCost:
+    """Run ``warmup + steps`` PGD steps of ``attack`` through the attack's own step
+    function on a random batch; the median of the last ``steps`` and the memory peak."""
+    from poisonbench.attacks import crafting
+    from poisonbench.attacks.surrogate import build_crafting_model
+
+    if attack not in CRAFT_ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(CRAFT_ATTACKS)}, got {attack!r}")
+    torch.manual_seed(seed)
+    model = build_crafting_model(model_name, 10, model_params).to(device)
+    model.eval().requires_grad_(False)  # how both attacks hold their crafting model while crafting
+    clock = StepClock(model, device)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((batch, 3, 32, 32), generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    stream = crafting.unit_generator(seed, 0, device)
+    total = warmup + steps
+    with MemoryPeak(device) as memory:
+        if attack == "error_minimizing":
+            from poisonbench.attacks.error_minimizing import ErrorMinimizingParams, _min_min
+
+            params = ErrorMinimizingParams(steps=total)
+            delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * params.eps).to(device)  # craft()'s start
+            _min_min(clock, x, y, delta, params, stream)
+            clock.stamp()  # the end of the last step
+        else:
+            from poisonbench.attacks.adversarial import AdversarialParams, adversarial_objective
+            from poisonbench.attacks.chunked_pgd import pgd_chunk
+
+            params = AdversarialParams(steps=total, batch_size=batch)
+            # pgd_chunk's final evaluation of the objective calls the model once more: the end of the last step.
+            pgd_chunk(adversarial_objective(params.mode)(clock, x, y, 10), x, params, stream)
+    gaps = clock.gaps()
+    if len(gaps) != total:  # the attack no longer calls its model once per step: fix this benchmark
+        raise RuntimeError(f"{attack}: expected {total + 1} model calls for {total} PGD steps, got {len(clock.stamps)}")
+    return StepCost(attack, model_name, device, batch, steps, statistics.median(gaps[warmup:]), str(memory))
+
+
+def bench_crafting(devices: Sequence[torch.device], attacks: Sequence[str] = CRAFT_ATTACKS,
+                   models: dict[str, dict] | None = None, batch: int | None = None,
+                   steps: int | None = None, warmup: int | None = None) -> list[StepCost]:
+    """Seconds per 1,000 images per PGD step of each attack × crafting model × device."""
+    models = CRAFT_MODELS if models is None else models
+    costs = []
+    for device in devices:
+        default_warmup, default_steps = CRAFT_STEPS[device.type]
+        w = default_warmup if warmup is None else warmup
+        s = default_steps if steps is None else steps
+        for attack in attacks:
+            for name, params in models.items():
+                b = batch or CRAFT_BATCH[device.type].get(name, 512)
+                cost = craft_step(attack, name, params, device, b, s, w)
+                print(f"crafting {attack} ({CRAFT_WHAT[attack]}), {name}, {device}, batch {b}, "
+                      f"median of {plural(s, 'step')} after {w}: {sig(cost.per_1000_s)} s per 1,000 images per step "
+                      f"({sig(cost.step_s)} s per step); {cost.memory}")
+                costs.append(cost)
+    return costs
+
+
+CIFAR10_TRAIN = 50_000
+ADVERSARIAL_STEPS = 250  # adversarial_poisons' --attackiter
+RESTARTS = (1, 8)  # 8: adversarial_poisons' --restarts default
+
+
+def bench_projection(costs: Sequence[StepCost]) -> None:
+    """The PGD hours of ``adversarial`` on CIFAR-10 from measured per-step costs."""
+    for cost in costs:
+        per_restart_h = cost.per_1000_s * CIFAR10_TRAIN / 1000 * ADVERSARIAL_STEPS / 3600
+        hours = ", ".join(f"{sig(per_restart_h * r)} h with {plural(r, 'restart')}" for r in RESTARTS)
+        print(f"adversarial on CIFAR-10, {cost.model}, {cost.device}: projected from a measured fraction "
+              f"({plural(cost.steps, 'step')} of {plural(cost.batch, 'image')}): "
+              f"{ADVERSARIAL_STEPS} steps × {CIFAR10_TRAIN:,} images: "
+              f"{hours} (8: the authors' default); authors: \"several hours\" (Fowl et al. 2021b); "
+              "PGD only, the crafting model's training not included")
+
+
+# (label, model, build_model parameters, side of the images the backbone sees)
+FEATURE_MODELS: tuple[tuple[str, str, dict, int], ...] = (
+    ("resnet18 (CIFAR form)", "resnet18", {}, 32),
+    ("timm:resnet18", "timm:resnet18", {}, 32),
+    # as the pretrained defense builds its ImageNet extractors (configs/tables/shortcuts/table4.yaml)
+    ("timm:resnet18, image_size=224 (bicubic in normalize)", "timm:resnet18",
+     {"image_size": 224, "mean": "imagenet", "std": "imagenet"}, 224),
+)
+# Images per measurement, by device type and model label: seconds on two CPU cores.
+FEATURE_IMAGES = {"cpu": {"resnet18 (CIFAR form)": 128, "timm:resnet18": 256},
+                  "cuda": {}}
+FEATURE_IMAGES_224 = {"cpu": 32, "cuda": 5_000}
+FEATURE_IMAGES_DEFAULT = {"cpu": 256, "cuda": 10_000}
+
+
+def bench_features(devices: Sequence[torch.device], repeats: int, images: int | None = None,
+                   batch_size: int | None = None,
+                   rows: Sequence[tuple[str, str, dict, int]] = FEATURE_MODELS) -> dict[tuple[str, str], float]:
+    """Images/s of linear_eval's ``extract_features`` (uncached) on 32×32 uint8 images."""
+    from poisonbench.models import build_model
+    from poisonbench.training.linear_eval import EXTRACT_BATCH, extract_features, feature_key
+
+    batch_size = batch_size or EXTRACT_BATCH
+    rates = {}
+    with temporary_home():  # cache=False reads no cache; an empty home makes sure
+        for device in devices:
+            for label, name, params, side in rows:
+                if images is not None:
+                    n = images
+                elif side == 224:
+                    n = FEATURE_IMAGES_224[device.type]
+                else:
+                    n = FEATURE_IMAGES[device.type].get(label, FEATURE_IMAGES_DEFAULT[device.type])
+                torch.manual_seed(0)
+                model = build_model(name, 10, **params)
+                data = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(0))
+
+                def run() -> None:
+                    out = extract_features(model, data, device, batch_size, cache=False)
+                    if out.cached or tuple(out.values.shape) != (n, model.feature_dim):
+                        raise RuntimeError(f"extract_features returned {tuple(out.values.shape)} "
+                                           f"(cached={out.cached}); expected {(n, model.feature_dim)} computed")
+
+                cold, warm = timed(run, repeats, device)
+                start = time.perf_counter()
+                feature_key(model, data)
+                key_s = time.perf_counter() - start
+                rates[(label, str(device))] = n / warm
+                print(f"features {label}, {side}×{side} into the backbone, {device}, {plural(n, 'image')} in "
+                      f"batches of {batch_size}: {sig(n / warm)} images/s ({sig(warm)} s, median of {repeats}; cold "
+                      f"{sig(cold)} s; incl. {sig(key_s, 2)} s for the cache key, computed even with cache=False)")
+                del model
+    return rates
+
+
+def bench_lbfgs(devices: Sequence[torch.device], n: int = 50_000, d: int = 512, classes: int = 10,
+                repeats: int | None = None, probe=None) -> dict[str, float]:
+    """Seconds of linear_eval's L-BFGS fit (``probe.fit_lbfgs``) on random features."""
+    from poisonbench.analysis.probe import fit_lbfgs
+    from poisonbench.training.linear_eval import LINEAR_EVAL_PROBE
+
+    probe = probe or LINEAR_EVAL_PROBE
+    gen = torch.Generator().manual_seed(0)
+    features = torch.rand((n, d), generator=gen)  # non-negative, like pooled ReLU features
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    cap = probe.steps * probe.iters_per_step
+    seconds = {}
+    for device in devices:
+        reps = repeats or (1 if device.type == "cpu" else 3)
+        m = min(n, 1_000)  # warm-up: kernels, BLAS handles and the allocator, on a small fit
+        fit_lbfgs(features[:m], labels[:m], classes, replace(probe, steps=1), 0, device)
+        times, fit = [], None
+        for _ in range(reps):
+            sync(device)
+            start = time.perf_counter()
+            fit = fit_lbfgs(features, labels, classes, probe, 0, device)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        s = statistics.median(times)
+        seconds[str(device)] = s
+        stop = (f"torch's tolerances stopped it before the {cap:,}-iteration cap" if fit.iterations < cap
+                else f"the {cap:,}-iteration cap")
+        print(f"L-BFGS linear fit (probe.fit_lbfgs with linear_eval's probe: {probe.steps} steps × "
+              f"≤{probe.iters_per_step} iterations, lr {probe.lr}), {n:,} × {d} random features, {classes} "
+              f"random classes, {device}: {sig(s)} s (median of {reps}; {fit.iterations} iterations, "
+              f"{fit.evaluations} loss evaluations, {sig(s / max(fit.evaluations, 1) * 1000)} ms each; {stop})")
+    return seconds
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="sections: " + ", ".join(SECTIONS) + "; see the module docstring for what each shows")
+    parser.add_argument("--only", default=",".join(SECTIONS), metavar="SECTIONS",
+                        help="comma list of sections to run (default: all): " + ",".join(SECTIONS))
+    parser.add_argument("--device", default="auto",
+                        help="where crafting, projection, features and lbfgs run: auto (default: the CPU, and "
+                             "the GPU too when CUDA is available) or a comma list such as cpu, cuda, cpu,cuda:1; "
+                             "synthetic, datamodule and fit always run on the CPU")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (default 3)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of the fit section (default 40)")
+    args = parser.parse_args(argv)
+    try:
+        sections = parse_sections(args.only)
+        devices = parse_devices(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, python {platform.python_version()}")
-    bench_synthetic(args.repeats)
-    bench_datamodule(args.repeats)
-    bench_fit(args.steps, args.repeats)
+    for device in devices:
+        if device.type == "cuda":
+            print(device_header(device))
+    took: dict[str, float] = {}
+    costs: list[StepCost] = []
+    for section in sections:
+        start = time.perf_counter()
+        if section == "synthetic":
+            bench_synthetic(args.repeats)
+        elif section == "datamodule":
+            bench_datamodule(args.repeats)
+        elif section == "fit":
+            bench_fit(args.steps, args.repeats)
+        elif section == "crafting":
+            costs = bench_crafting(devices)
+        elif section == "projection":
+            adversarial = [c for c in costs if c.attack == "adversarial" and c.model == "resnet18"]
+            if not adversarial:  # crafting was not run: measure what the projection needs
+                adversarial = bench_crafting(devices, attacks=("adversarial",), models={"resnet18": {}})
+            bench_projection(adversarial)
+        elif section == "features":
+            bench_features(devices, args.repeats)
+        elif section == "lbfgs":
+            bench_lbfgs(devices)
+        took[section] = time.perf_counter() - start
+    print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 
 
 if __name__ == "__main__":
