@@ -108,11 +108,13 @@ def cmd_craft(args) -> None:
 
     attack = ATTACKS.get(args.attack)
     params = attack.params(parse_sets(args.set))
+    devices = attack.devices(args.devices)  # bad devices fail before the data is read
     base = load_imageset(args.dataset, args.data_root, "train")
+    where = ", ".join(str(d) for d in devices)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        progress.add_task(f"crafting {args.attack} on {args.dataset} ({len(base)} images)", total=None)
-        store, seconds = craft_cached(args.attack, base, params_dict(params), args.seed)
+        progress.add_task(f"crafting {args.attack} on {args.dataset} ({len(base)} images) on {where}", total=None)
+        store, seconds = craft_cached(args.attack, base, params_dict(params), args.seed, devices)
     if args.out:
         out = Path(args.out)
         with atomic_path(out) as tmp:
@@ -290,6 +292,9 @@ def build_parser() -> Parser:
     sp.add_argument("--seed", type=seed_arg, default=0)
     sp.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="attack hyperparameters")
     sp.add_argument("--out", help="also copy the store to this file")
+    sp.add_argument("--devices", help="where to craft: cuda:0,cuda:1 (one rank per GPU) or cpu,cpu (CPU ranks); "
+                                      "default cuda if a GPU is available, else cpu. Attacks that do not shard "
+                                      "craft on the first device")
     sp.set_defaults(func=cmd_craft)
 
     sp = sub.add_parser("train", help="train one victim (optionally on a poison store) and measure it")

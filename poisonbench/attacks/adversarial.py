@@ -63,6 +63,6 @@ def adversarial_objective(mode: str) -> ObjectiveFactory:
 
 # Version 2: restarts compared by the sum of chunk means (the authors' average of batch
 # losses) instead of the sum of per-image losses, through the shared chunked-PGD driver.
-@register_attack("adversarial", AdversarialParams, version=2, smoke=SMOKE)
+@register_attack("adversarial", AdversarialParams, version=2, smoke=SMOKE, ranks="invariant")
 def craft(imageset: ImageSet, params: AdversarialParams, seed: int, device: torch.device) -> PoisonStore:
     return craft_by_chunks(imageset, params, seed, device, "adversarial", adversarial_objective(params.mode))

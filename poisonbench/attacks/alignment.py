@@ -103,7 +103,7 @@ def alignment_objective(target: str):
     return make
 
 
-@register_attack("alignment", AlignmentParams, smoke=SMOKE)
+@register_attack("alignment", AlignmentParams, smoke=SMOKE, ranks="invariant")
 def craft(imageset: ImageSet, params: AlignmentParams, seed: int, device: torch.device) -> PoisonStore:
     return craft_by_chunks(imageset, params, seed, device, "alignment", alignment_objective(params.target),
                            parameter_gradients=True)

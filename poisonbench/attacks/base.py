@@ -4,6 +4,20 @@ An attack is a frozen hyperparameter dataclass (defaults = the paper's values) a
 ``craft(imageset, params, seed, device) -> PoisonStore`` function. Attacks know
 nothing of trainers or runners (STYLE.md, convention 4). ``craft_cached`` puts the
 store under its content address, so equal configs share one file.
+
+Several devices. ``Attack.craft`` and ``craft_cached`` take one device or a list
+(``["cuda:0", "cuda:1"]``, ``"cpu,cpu"``): one rank per device, started by
+``distributed.run_ranks``; the caller alone gets the store, verifies it, and (in
+``craft_cached``) writes it and its ``.craft.json`` cost record (seconds, hardware,
+ranks). How an attack uses the ranks is declared when it is registered (``ranks``):
+
+- ``one`` (the default): it does not shard; given several devices it crafts on the
+  first one alone, so the store is the one-device store.
+- ``invariant``: its ranks share the work and the store does not depend on how many
+  there are (``error_minimizing`` and the chunked-PGD attacks: each rank computes
+  whole batches of the one-rank run with their own random streams, on rank 0's
+  model; tests/test_distributed_crafting.py checks 2 ranks against 1). So the cache
+  key is the one-device key, and a job on one GPU finds a store crafted on eight.
 """
 from __future__ import annotations
 
@@ -15,12 +29,14 @@ from typing import Any, Callable
 
 import torch
 
+from poisonbench.attacks.distributed import DeviceSpec, parse_devices, run_ranks
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore, cache_path
 from poisonbench.errors import ConfigError
 from poisonbench.registry import Registry
 
 CraftFn = Callable[[ImageSet, Any, int, torch.device], PoisonStore]
+RANKS = ("one", "invariant")  # how an attack uses several devices (module docstring)
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,17 @@ class Attack:
     # Parameters of a smoke run (--fast-dev-run, registry tests): the same code path at a
     # tiny cost (a few steps, a tiny crafting model). Never used for a measurement.
     smoke: dict = dataclasses.field(default_factory=dict)
+    ranks: str = "one"  # one | invariant: how it uses several devices (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.ranks not in RANKS:
+            raise ValueError(f"attack {self.name!r}: ranks must be one of {', '.join(RANKS)}, got {self.ranks!r}")
+
+    def devices(self, device: DeviceSpec = "cpu") -> list[torch.device]:
+        """The devices this attack crafts on for ``device`` (one, a list, or ``cuda:0,cuda:1``):
+        all of them when it shards, else the first."""
+        devices = parse_devices(device)
+        return devices if self.ranks != "one" else devices[:1]
 
     def params(self, overrides: dict | None = None) -> Any:
         """The hyperparameters with ``overrides`` applied; unknown keys are an error."""
@@ -46,12 +73,18 @@ class Attack:
             raise ConfigError(f"bad parameters for attack {self.name!r}: {err}") from None
 
     def craft(self, imageset: ImageSet, params: dict | Any = None, seed: int = 0,
-              device: str | torch.device = "cpu") -> PoisonStore:
+              device: DeviceSpec = "cpu") -> PoisonStore:
+        """The store for (params, seed), crafted on ``device``: one device, or several
+        (one rank each, see ``devices``)."""
         if not isinstance(params, self.params_type):
             params = self.params(params)
         if not 0 <= int(seed) < 2**32:
             raise ConfigError(f"seed must lie in [0, 2**32), got {seed}")
-        store = self.craft_fn(imageset, params, int(seed), torch.device(device))
+        devices = self.devices(device)
+        if len(devices) == 1:
+            store = self.craft_fn(imageset, params, int(seed), devices[0])
+        else:
+            store = run_ranks(self.craft_fn, devices, imageset, params, int(seed))
         store.verify(imageset)  # an attack that breaks its own budget is a bug caught here
         return store
 
@@ -60,12 +93,12 @@ ATTACKS: Registry[Attack] = Registry("attack")
 
 
 def register_attack(name: str, params_type: type, version: int = 1,
-                    smoke: dict | None = None) -> Callable[[CraftFn], CraftFn]:
-    """Register ``craft_fn`` under ``name`` with its hyperparameter dataclass (and the
-    parameters of its smoke run)."""
+                    smoke: dict | None = None, ranks: str = "one") -> Callable[[CraftFn], CraftFn]:
+    """Register ``craft_fn`` under ``name`` with its hyperparameter dataclass (the
+    parameters of its smoke run, and how it uses several devices: ``ranks``)."""
 
     def add(craft_fn: CraftFn) -> CraftFn:
-        ATTACKS.register(name)(Attack(name, params_type, craft_fn, version, dict(smoke or {})))
+        ATTACKS.register(name)(Attack(name, params_type, craft_fn, version, dict(smoke or {}), ranks))
         return craft_fn
 
     return add
@@ -76,33 +109,39 @@ def params_dict(params: Any) -> dict:
 
 
 def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
-                 device: str | torch.device = "cpu", *, progress: bool = False,
+                 device: DeviceSpec = "cpu", *, progress: bool = False,
                  checkpoint_every_s: float = 180.0) -> tuple[PoisonStore, float]:
     """Open the store for this exact (attack, params, base, seed) or craft and save it.
 
-    An interrupted crafting run leaves ``<store>.partial.safetensors`` beside the store's
-    path; the next call resumes from it. Returns the store and the seconds spent
-    crafting (0 on a cache hit).
+    ``device``: one device, or several as one rank each (``["cuda:0", "cuda:1"]``,
+    ``"cpu,cpu"``; the store, and so its cache key, is the one-device store). An
+    interrupted crafting run leaves ``<store>.partial.safetensors`` (one
+    ``.partial.rankN`` file per rank for per-rank state) beside the store's path; the
+    next call resumes from it. Returns the store and the seconds spent crafting (0 on a
+    cache hit).
     """
     from poisonbench.attacks.crafting import CraftContext, crafting
+    from poisonbench.attacks.distributed import describe_devices
 
     attack = ATTACKS.get(name)
     full = attack.params(params)
+    devices = attack.devices(device)
+    world = len(devices)
     path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version)
     if path.exists():
         return PoisonStore.open(path, imageset), 0.0
     partial = path.with_name(path.stem + ".partial.safetensors")
     start = time.perf_counter()
     with crafting(CraftContext(checkpoint=partial, every_s=checkpoint_every_s, progress=progress)):
-        store = attack.craft(imageset, full, seed, device)
+        store = attack.craft(imageset, full, seed, devices)
     seconds = time.perf_counter() - start
     store.save(path)
-    from poisonbench import provenance
+    for leftover in path.parent.glob(path.stem + ".partial*.safetensors"):  # per-rank files a crash left
+        leftover.unlink(missing_ok=True)
     from poisonbench.files import write_json
 
-    device = torch.device(device)
-    write_json(craft_cost_path(path), {"seconds": round(seconds, 3),
-                                       "hardware": provenance.hardware(device.type).get("name")})
+    write_json(craft_cost_path(path), {"seconds": round(seconds, 3), "hardware": describe_devices(devices),
+                                       "ranks": world})
     return store, seconds
 
 

@@ -12,9 +12,12 @@ keep the restart with the minimal one).
 
 Work units are (restart, chunk): with the model fixed, running all steps on one chunk
 before the next equals the authors' step-outer loop over fixed batches up to random
-streams, and lets crafting resume after any chunk and shard the chunks over ranks
-(each rank crafts the chunks of its ``shard(n)``; the perturbations are gathered once,
-at the end, so the batches and the result depend on the number of ranks).
+streams, and lets crafting resume after any chunk and shard the chunks over ranks.
+Chunk k is always images k·batch_size … and draws from the stream of (restart, k), so
+rank r crafting chunks r, r + world, … computes what one process computes for them;
+the restarts' totals are summed over the ranks and the perturbations gathered once, at
+the end: the store does not depend on the number of ranks (``ranks="invariant"``; on
+GPUs up to what non-deterministic kernels change between any two runs).
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from poisonbench.attacks import crafting
@@ -114,13 +116,19 @@ def craft_by_chunks(imageset: ImageSet, params: ChunkedPGDParams, seed: int, dev
     never writes their ``.grad``.
     """
     ctx = crafting.context()
+    # Every rank trains (or reads) the crafting model, since Lightning's metrics sync over
+    # the process group; rank 0's weights are then everyone's, so that non-deterministic
+    # GPU kernels cannot leave the ranks attacking different models.
     model, _ = trained_model(imageset, params.model, params.model_params, params.activation,
                              params.recipe(), seed, device, progress=ctx.progress)
+    crafting.broadcast_module(model)
     model.eval().requires_grad_(parameter_gradients)
     n, c = len(imageset), imageset.num_classes
-    mine = crafting.shard(n)  # the sample positions this rank crafts
-    chunks = [mine[i:i + params.batch_size] for i in range(0, mine.numel(), params.batch_size)]
-    per_restart = len(chunks)
+    rank, world = crafting.rank_world()
+    size = params.batch_size
+    chunks = -(-n // size)  # K chunks of batch_size consecutive images, as on one rank
+    rounds = -(-chunks // world)  # chunk k = j·world + rank is this rank's j-th
+    mine = crafting.shard(n, size)  # the sample positions of this rank's chunks
 
     best = torch.zeros((mine.numel(), *imageset.images.shape[1:]))
     best_loss = float("inf")
@@ -133,32 +141,38 @@ def craft_by_chunks(imageset: ImageSet, params: ChunkedPGDParams, seed: int, dev
         best, current = tensors["best"], tensors["current"]
         best_loss, current_loss, first = float(extras["best_loss"]), float(extras["current_loss"]), unit + 1
 
-    total = params.restarts * per_restart
+    # Units are (restart, j), the same count on every rank, so that the collectives below
+    # (restart totals, the checkpoint decision) line up even where a rank has no chunk j.
+    total = params.restarts * rounds
     with crafting.progress(f"{name} chunks", total) as advance:
         advance(first)
         for unit in range(first, total):
-            restart, k = divmod(unit, per_restart)
-            index = chunks[k]
-            lo = k * params.batch_size
-            x = imageset.images[index].to(device).float().div_(255)
-            y = imageset.labels[index].to(device)
-            gen = crafting.unit_generator(seed, unit, device)
-            delta, loss = pgd_chunk(make_objective(model, x, y, c), x, params, gen)
-            current[lo:lo + index.numel()] = delta.cpu()
-            current_loss += loss
-            if k == per_restart - 1:  # restart finished: keep it if its total objective is the lowest
-                total_loss = torch.tensor([current_loss], dtype=torch.float64)
-                if dist.is_available() and dist.is_initialized():
-                    dist.all_reduce(total_loss)
-                if float(total_loss) < best_loss:
-                    best, best_loss = current.clone(), float(total_loss)
+            restart, j = divmod(unit, rounds)
+            k = j * world + rank
+            loss = None
+            if k < chunks:
+                index = torch.arange(k * size, min((k + 1) * size, n))
+                x = imageset.images[index].to(device).float().div_(255)
+                y = imageset.labels[index].to(device)
+                # The stream of chunk k in this restart: what one rank would draw for it.
+                gen = crafting.unit_generator(seed, restart * chunks + k, device)
+                delta, loss = pgd_chunk(make_objective(model, x, y, c), x, params, gen)
+                lo = j * size
+                current[lo:lo + index.numel()] = delta.cpu()
+                current_loss += loss
+            if j == rounds - 1:  # restart finished: keep it if its total objective is the lowest
+                total_loss = float(crafting.reduce_sum(torch.tensor([current_loss], dtype=torch.float64)))
+                if total_loss < best_loss:
+                    best, best_loss = current.clone(), total_loss
                 current_loss = 0.0
             advance(1, loss)
-            checkpoint.save(unit, {"best": best, "current": current},
-                            {"best_loss": best_loss, "current_loss": current_loss})
+            due = torch.tensor([int(checkpoint.due())])
+            if int(crafting.reduce_sum(due)) > 0:  # every rank saves after the same unit
+                checkpoint.save(unit, {"best": best, "current": current},
+                                {"best_loss": best_loss, "current_loss": current_loss}, force=True)
             crafting.finish_unit(unit)
 
-    levels = crafting.gather(round_linf(best, params.eps), n)
+    levels = crafting.gather(round_linf(best, params.eps), n, size)
     store = PoisonStore(
         index=torch.arange(n, dtype=torch.int64), images=add_levels(imageset.images, levels),
         labels=imageset.labels.clone(), attack=name, params=params_dict(params),

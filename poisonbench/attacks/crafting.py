@@ -8,9 +8,19 @@
   from the checkpoint of unit k computes exactly what an uninterrupted run does.
   ``Checkpoint`` writes the attack's partial state (tensors as safetensors, the rest
   as JSON metadata) atomically, at most every ``every_s`` seconds.
-- Sharding: with ``torch.distributed`` initialised (one process per GPU), each rank
-  crafts ``shard(n)`` of the samples and ``gather`` assembles the full perturbation
-  once, at the end.
+- Sharding: with ``torch.distributed`` initialised (one process per device, started
+  by ``poisonbench.attacks.distributed.run_ranks``), each rank crafts ``shard(n)`` of
+  the samples (every world-th sample, or every world-th block of ``block`` samples)
+  and ``gather`` assembles the full tensor from every rank's rows. ``reduce_sum``,
+  ``broadcast_`` and ``broadcast_module`` are the other collectives attacks use; each
+  is the identity on one rank, and each moves its tensor to a device the process
+  group's backend takes (gloo: CPU tensors, NCCL: CUDA tensors).
+- Checkpoints on several ranks: a ``Checkpoint`` of per-rank state writes one file
+  per rank (``.rankN``) and resumes only when every rank's file holds the same unit
+  (else every rank starts over: a mixed resume could pair different units' collectives);
+  a ``shared`` checkpoint holds state that every rank has in full, so rank 0 alone
+  writes it, under the one-rank name, and broadcasts it to the others on resume (a
+  run may then resume on another number of ranks).
 - Progress: a rich progress bar with steps, the current loss and the ETA, on rank 0.
 
 The crafting run's options (checkpoint file, its period, progress, a hook after each
@@ -23,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,17 +93,45 @@ class Checkpoint:
     Written through a temporary file and a rename, so a kill leaves the previous
     checkpoint or the new one, never half of one. The file is removed once the store
     is written.
+
+    On several ranks: per-rank state (the default) goes to one file per rank
+    (``<stem>.rankN<suffix>``), and ``load`` resumes only when every rank's file holds
+    the same unit. ``shared=True`` is for state every rank holds in full (the same
+    tensors on each): rank 0 alone writes it, under the one-rank name, and ``load``
+    broadcasts rank 0's copy to the others.
     """
 
-    def __init__(self, path: Path | None, every_s: float = 180.0) -> None:
-        rank, world = rank_world()
-        if path is not None and world > 1:  # each rank keeps the state of its own shard
-            path = Path(path).with_name(f"{Path(path).stem}.rank{rank}{Path(path).suffix}")
+    def __init__(self, path: Path | None, every_s: float = 180.0, shared: bool = False) -> None:
+        self.rank, self.world = rank_world()
+        self.shared = bool(shared)
+        if path is not None and self.world > 1 and not self.shared:  # each rank keeps the state of its own shard
+            path = Path(path).with_name(f"{Path(path).stem}.rank{self.rank}{Path(path).suffix}")
         self.path, self.every_s = (Path(path) if path else None), float(every_s)
+        self._writer = not self.shared or self.rank == 0
         self._last = time.monotonic()
 
     def load(self) -> tuple[int, dict[str, torch.Tensor], dict] | None:
-        """(last finished unit, tensors, extras) or None when there is nothing to resume."""
+        """(last finished unit, tensors, extras) or None when there is nothing to resume.
+
+        On several ranks every rank calls it (it is collective) and every rank gets the
+        same answer: the same unit, or None on all of them.
+        """
+        if self.path is None:  # the same on every rank: no collective needed
+            return None
+        if self.world == 1:
+            return self._read()
+        if self.shared:
+            return _broadcast_state(self._read() if self.rank == 0 else None)
+        found = self._read()
+        units = torch.tensor([found[0] if found is not None else -1], dtype=torch.int64)
+        everyone = gather(units, self.world)
+        if bool((everyone == units).all()) and found is not None:
+            return found
+        if found is not None:  # the ranks stopped after different units: start over on all of them
+            self.remove()
+        return None
+
+    def _read(self) -> tuple[int, dict[str, torch.Tensor], dict] | None:
         if self.path is None or not self.path.is_file():
             return None
         try:
@@ -106,10 +145,16 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
             return None
 
+    def due(self) -> bool:
+        """Whether ``every_s`` has passed since the last write (never without a path)."""
+        return self.path is not None and self._writer and time.monotonic() - self._last >= self.every_s
+
     def save(self, unit: int, tensors: dict[str, torch.Tensor], extras: dict | None = None,
              force: bool = False) -> bool:
-        """Write the state after ``unit`` if ``every_s`` has passed (or ``force``)."""
-        if self.path is None or (not force and time.monotonic() - self._last < self.every_s):
+        """Write the state after ``unit`` if ``every_s`` has passed (or ``force``).
+
+        A shared checkpoint is written by rank 0 only; the others return False."""
+        if self.path is None or not self._writer or (not force and time.monotonic() - self._last < self.every_s):
             return False
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         meta = {"unit": str(int(unit)), "extras": json.dumps(extras or {}, sort_keys=True)}
@@ -119,8 +164,27 @@ class Checkpoint:
         return True
 
     def remove(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self._writer:
             self.path.unlink(missing_ok=True)
+
+
+def _broadcast_state(found: tuple[int, dict[str, torch.Tensor], dict] | None
+                     ) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+    """Rank 0's checkpoint (or its None) on every rank: a JSON header, then each tensor."""
+    rank, _ = rank_world()
+    header = None
+    if rank == 0 and found is not None:
+        unit, tensors, extras = found
+        header = {"unit": unit, "extras": extras,
+                  "tensors": [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()]}
+    header = broadcast_json(header)
+    if header is None:
+        return None
+    tensors = found[1] if rank == 0 else {
+        name: torch.empty(shape, dtype=getattr(torch, dtype)) for name, dtype, shape in header["tensors"]}
+    for name, _, _ in header["tensors"]:
+        broadcast_(tensors[name])
+    return int(header["unit"]), tensors, header["extras"]
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "opt") -> dict[str, torch.Tensor]:
@@ -207,27 +271,99 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(n: int) -> torch.Tensor:
-    """The sample positions this rank crafts: every world-th one, starting at its rank."""
+def _positions(n: int, block: int, rank: int, world: int) -> torch.Tensor:
+    index = torch.arange(n)
+    return index[(index // block) % world == rank]
+
+
+def shard(n: int, block: int = 1) -> torch.Tensor:
+    """The sample positions this rank crafts, ascending: the blocks of ``block``
+    consecutive samples numbered rank, rank + world, …; with ``block`` 1, every
+    world-th sample starting at its rank."""
     rank, world = rank_world()
-    return torch.arange(rank, n, world)
+    return _positions(n, max(int(block), 1), rank, world)
 
 
-def gather(part: torch.Tensor, n: int) -> torch.Tensor:
-    """The full [n, ...] tensor from every rank's ``shard(n)`` rows (once, at the end)."""
+def _comm(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on a device the process group's backend takes (itself if it already is)."""
+    backend = str(dist.get_backend()).lower()
+    if tensor.device.type == "cuda":
+        return tensor if "nccl" in backend else tensor.cpu()
+    if "gloo" in backend or "mpi" in backend:
+        return tensor
+    return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+
+
+def gather(part: torch.Tensor, n: int, block: int = 1) -> torch.Tensor:
+    """The full [n, ...] tensor from every rank's ``shard(n, block)`` rows.
+
+    The rows travel as raw bytes, so any dtype arrives bit for bit."""
     rank, world = rank_world()
     if world == 1:
         return part
-    size = -(-n // world)
-    padded = torch.zeros((size, *part.shape[1:]), dtype=part.dtype, device=part.device)
-    padded[: part.shape[0]] = part
+    rows = [_positions(n, max(int(block), 1), r, world) for r in range(world)]
+    if part.shape[0] != rows[rank].numel():
+        raise ValueError(f"rank {rank} holds {part.shape[0]} rows; its shard of {n} has {rows[rank].numel()}")
+    full = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
+    width = math.prod(part.shape[1:])
+    if width == 0:
+        return full
+    as_bytes = part.detach().contiguous().reshape(part.shape[0], width).view(torch.uint8)
+    padded = _comm(torch.zeros((max(r.numel() for r in rows), as_bytes.shape[1]), dtype=torch.uint8,
+                               device=part.device))
+    padded[: part.shape[0]] = as_bytes.to(padded.device)
     pieces = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(pieces, padded)
-    full = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
     for r, piece in enumerate(pieces):
-        rows = torch.arange(r, n, world)
-        full[rows] = piece[: rows.numel()]
+        theirs = piece[: rows[r].numel()].view(part.dtype).reshape(rows[r].numel(), *part.shape[1:])
+        full[rows[r].to(part.device)] = theirs.to(part.device)
     return full
+
+
+def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks (a new tensor; ``tensor`` itself on one rank)."""
+    _, world = rank_world()
+    if world == 1:
+        return tensor
+    out = _comm(tensor.detach().clone())
+    dist.all_reduce(out)
+    return out.to(tensor.device)
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank ``src``'s copy; returns it."""
+    _, world = rank_world()
+    if world == 1:
+        return tensor
+    moved = _comm(tensor.detach()).contiguous()
+    dist.broadcast(moved, src)
+    if moved.data_ptr() != tensor.data_ptr():
+        with torch.no_grad():
+            tensor.copy_(moved)
+    return tensor
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of ``module`` replaced by rank ``src``'s values, so
+    replicas that train the same way cannot drift apart (non-deterministic kernels)."""
+    if rank_world()[1] == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        broadcast_(tensor.data, src)
+
+
+def broadcast_json(value, src: int = 0):
+    """Rank ``src``'s JSON-able ``value`` on every rank (UTF-8 bytes in a uint8 tensor)."""
+    rank, world = rank_world()
+    if world == 1:
+        return value
+    data = json.dumps(value).encode() if rank == src else b""
+    length = broadcast_(torch.tensor([len(data)], dtype=torch.int64), src)
+    buffer = torch.zeros(int(length), dtype=torch.uint8)
+    if rank == src:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    broadcast_(buffer, src)
+    return json.loads(bytes(buffer.tolist()).decode())
 
 
 # ------------------------------------------------------------------------- progress

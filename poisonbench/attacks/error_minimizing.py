@@ -20,7 +20,29 @@ Deviations, written down here and in the tables' notes:
   run identical to an uninterrupted one.
 - ``max_rounds`` caps the rounds (the authors loop until the stop criterion holds).
 - the authors' ``stop_error`` is the error rate; here it is ``stop_accuracy`` = 100·(1 − error).
-- crafting runs on one device; the per-sample PGD attacks shard over ranks instead.
+
+Several ranks (``ranks="invariant"``: the store does not depend on their number, so
+it keeps the one-device cache key). The expensive part is the PGD over all n samples
+each round; the ``train_steps`` model steps are cheap. So:
+- every rank holds the whole δ and the crafting model, and runs the same model steps
+  (same seed, same batches); rank 0's parameters and buffers are then broadcast, so
+  replicas cannot drift apart through non-deterministic kernels;
+- sample-wise, each rank runs the PGD on its share of the *same* batches the one-rank
+  run makes (batches rank, rank + world, … of ``batch_size`` consecutive samples) and
+  the new δ is all-gathered before the next round; with augmentation on, a rank draws
+  and discards the augmentation of the batches it skips, so every batch sees the
+  draws it sees on one rank;
+- class-wise, the PGD's per-class mean update runs over the batches in order, so
+  every rank computes it whole (redundantly: it is one signed step per round) and
+  rank 0's δ is broadcast;
+- the stopping accuracy is counted on each rank's batches and summed over the ranks.
+With the model in eval mode during the PGD (BatchNorm uses running statistics), each
+batch's computation is the one-rank computation, so on CPU (one thread per process)
+a 2- or 3-rank run gives the one-rank store bit for bit (tests/test_distributed_crafting.py);
+on GPUs it is equal up to what non-deterministic kernels change between two one-GPU
+runs as well. The checkpoint is
+``shared``: rank 0 writes the one-rank file, and a run may resume on another number
+of ranks.
 """
 from __future__ import annotations
 
@@ -94,11 +116,18 @@ def _min_min(model, x, y, delta, params: ErrorMinimizingParams, generator) -> to
     return delta.detach()
 
 
+def _skip_draws(generator: torch.Generator, size: int, steps: int) -> None:
+    """Consume what ``_min_min``'s augmentation draws for a batch of ``size`` (its
+    random shifts and flips depend on the batch size only), without the batch."""
+    for _ in range(steps):
+        translate_flip(torch.zeros(size, 1, 1, 1), generator=generator)
+
+
 SMOKE = {"model": "small_cnn", "model_params": {"width": 4, "pool": 1}, "steps": 2, "train_steps": 2,
          "max_rounds": 2, "batch_size": 32}
 
 
-@register_attack("error_minimizing", ErrorMinimizingParams, smoke=SMOKE)
+@register_attack("error_minimizing", ErrorMinimizingParams, smoke=SMOKE, ranks="invariant")
 def craft(imageset: ImageSet, params: ErrorMinimizingParams, seed: int, device: torch.device) -> PoisonStore:
     ctx = crafting.context()
     n = len(imageset)
@@ -114,7 +143,13 @@ def craft(imageset: ImageSet, params: ErrorMinimizingParams, seed: int, device: 
     init = crafting.unit_generator(seed, 10**6)
     delta = ((torch.rand((rows, *images.shape[1:]), generator=init) * 2 - 1) * params.eps).to(device)
 
-    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s)
+    rank, world = crafting.rank_world()
+    sharded = world > 1 and params.kind == "samplewise"  # class-wise: every rank computes the whole PGD
+
+    def mine(start: int) -> bool:  # the batch at ``start`` is this rank's (always, on one rank)
+        return (start // params.batch_size) % world == rank
+
+    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s, shared=True)
     first, accuracy = 0, 0.0
     resumed = checkpoint.load()
     if resumed is not None:
@@ -145,10 +180,15 @@ def craft(imageset: ImageSet, params: ErrorMinimizingParams, seed: int, device: 
                 optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(model(inputs), labels[index]).backward()
                 optimizer.step()
+            crafting.broadcast_module(model)  # rank 0's model on every rank (nothing on one rank)
             # 2. the perturbations: minimise the loss of the current model.
             model.eval()
             model.requires_grad_(False)
             for start in range(0, n, params.batch_size):
+                if sharded and not mine(start):  # another rank's batch
+                    if params.augment:
+                        _skip_draws(gen, min(params.batch_size, n - start), params.pgd_steps)
+                    continue
                 index = torch.arange(start, min(start + params.batch_size, n), device=device)
                 x, y = images[index], labels[index]
                 eta = _min_min(model, x, y, sample_delta(index), params, gen)
@@ -157,15 +197,25 @@ def craft(imageset: ImageSet, params: ErrorMinimizingParams, seed: int, device: 
                 else:  # the mean update of each class's samples, kept inside the ball
                     for c in torch.unique(y).tolist():
                         delta[c] = eta[y == c].mean(dim=0).clamp(-params.eps, params.eps)
+            if sharded:  # every rank's batches, on every rank
+                own = crafting.shard(n, params.batch_size).to(device)
+                delta = crafting.gather(delta[own], n, params.batch_size)
+            elif world > 1:
+                crafting.broadcast_(delta)
             model.requires_grad_(True)
             # 3. stop when the model fits the perturbed data.
             correct, loss_sum = 0, 0.0
             with torch.no_grad():
                 for start in range(0, n, params.batch_size):
+                    if not mine(start):
+                        continue
                     index = torch.arange(start, min(start + params.batch_size, n), device=device)
                     logits = model(_perturbed(images[index], sample_delta(index)))
                     correct += int((logits.argmax(1) == labels[index]).sum())
                     loss_sum += float(F.cross_entropy(logits, labels[index], reduction="sum"))
+            if world > 1:  # the count is exact; the loss is only shown
+                totals = crafting.reduce_sum(torch.tensor([float(correct), loss_sum], dtype=torch.float64))
+                correct, loss_sum = int(totals[0]), float(totals[1])
             accuracy = 100.0 * correct / n
             advance(1, loss_sum / n)
             checkpoint.save(unit, {"delta": delta, **crafting.module_tensors(model),

@@ -80,7 +80,7 @@ def tensorclog_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num
     return objective
 
 
-@register_attack("tensorclog", TensorClogParams, smoke=SMOKE)
+@register_attack("tensorclog", TensorClogParams, smoke=SMOKE, ranks="invariant")
 def craft(imageset: ImageSet, params: TensorClogParams, seed: int, device: torch.device) -> PoisonStore:
     return craft_by_chunks(imageset, params, seed, device, "tensorclog", tensorclog_objective,
                            parameter_gradients=True)

@@ -87,7 +87,7 @@ def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data
     for job in todo:
         prepare_dir(job.dir(root), job.config)
     if gpus:
-        precraft(todo, data_root, console)
+        precraft(todo, data_root, console, gpus)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("trials", total=len(todo))
@@ -104,23 +104,56 @@ def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data
         render_all(leaderboards_dir(), root, tables=[])  # refresh the index only
 
 
-def precraft(jobs: list[Job], data_root: str | None, console: Console) -> None:
+def precraft(jobs: list[Job], data_root: str | None, console: Console, gpus: list[str] | None = None) -> None:
     """Craft each distinct store once before parallel jobs start, so that jobs sharing a
     fixed poison seed do not all craft the same store at once (memory, not correctness:
-    stores are written atomically)."""
-    from poisonbench.attacks import craft_cached
+    stores are written atomically).
+
+    With ``gpus`` (the ids of ``--gpus``), a store is crafted on them: on all of them as
+    the ranks of one run when its attack shards (``ranks="invariant"``: the store is the
+    one a job would craft on one device), else on the first. Without ``gpus``, or on a
+    machine without CUDA (where the jobs train on the CPU too), on the CPU.
+    """
+    import torch
+
+    from poisonbench.attacks import ATTACKS, craft_cached
     from poisonbench.data import load_imageset
 
+    devices = gpu_devices(gpus) if gpus and torch.cuda.is_available() else ["cpu"]
     seen = set()
     for job in jobs:
         c = job.config
-        key = (c["attack"], json.dumps(c.get("attack_params"), sort_keys=True), c["dataset"], c["poison_seed"])
+        params = dict(c.get("attack_params") or {})
+        if c.get("fast_dev_run") and c["attack"] != "none":  # what the job itself crafts (training/job.py)
+            params = {**params, **ATTACKS.get(c["attack"]).smoke}
+        key = (c["attack"], json.dumps(params, sort_keys=True), c["dataset"], c["poison_seed"])
         if key in seen or c["attack"] == "none":
             continue
         seen.add(key)
-        console.print(f"crafting {c['attack']} on {c['dataset']} (seed {c['poison_seed']})")
-        craft_cached(c["attack"], load_imageset(c["dataset"], data_root, "train"), c.get("attack_params"),
-                     int(c["poison_seed"]))
+        on = devices if ATTACKS.get(c["attack"]).ranks == "invariant" else devices[:1]
+        where = ", ".join(str(d) for d in on)
+        console.print(f"crafting {c['attack']} on {c['dataset']} (seed {c['poison_seed']}) on {where}")
+        craft_cached(c["attack"], load_imageset(c["dataset"], data_root, "train"), params,
+                     int(c["poison_seed"]), on)
+
+
+def gpu_devices(gpus: list[str]) -> list[str]:
+    """``--gpus`` ids as this process's CUDA devices. The local executor gives each job
+    ``CUDA_VISIBLE_DEVICES=<id>``, so an id is a physical GPU; where this process itself
+    sees only some GPUs (``CUDA_VISIBLE_DEVICES`` set), ``cuda:i`` is the i-th of those."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    order = [v.strip() for v in visible.split(",")] if visible is not None else None
+    devices = []
+    for gpu in gpus:
+        gpu = str(gpu).strip()
+        if order is not None and gpu in order:
+            devices.append(f"cuda:{order.index(gpu)}")
+        elif order is None and gpu.isdigit():
+            devices.append(f"cuda:{int(gpu)}")
+        else:
+            seen = f"CUDA_VISIBLE_DEVICES={visible}" if order is not None else "CUDA_VISIBLE_DEVICES is unset: ids are 0, 1, …"
+            raise ConfigError(f"--gpus names GPU {gpu!r}, which this process cannot see ({seen})")
+    return devices
 
 
 def write_leaderboard(p: Plan, *, wandb: bool = False, console: Console | None = None) -> Path | None:

@@ -51,8 +51,11 @@ def translate_flip(images: torch.Tensor, max_shift: int = 4, generator: torch.Ge
     """
     n, _, h, w = images.shape
     device = images.device
-    shifts = (torch.rand(n, 2, generator=generator, device=device) * 2 - 1) * max_shift
-    flips = torch.rand(n, generator=generator, device=device) < 0.5 if flip else torch.zeros(n, dtype=torch.bool, device=device)
+    # Drawn where the generator lives (a unit's CPU stream may drive a GPU batch), then moved.
+    draw = generator.device if generator is not None else device
+    shifts = ((torch.rand(n, 2, generator=generator, device=draw) * 2 - 1) * max_shift).to(device)
+    flips = (torch.rand(n, generator=generator, device=draw) < 0.5).to(device) if flip \
+        else torch.zeros(n, dtype=torch.bool, device=device)
     theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
     theta[:, 0, 0] = torch.where(flips, -1.0, 1.0)
     theta[:, 1, 1] = 1.0
