@@ -1,11 +1,22 @@
-"""Shared by the attack tests: craft with an interruption after a unit, then resume."""
+"""Shared by the attack tests: a tiny random image set, and crafting with an interruption
+after a unit, then resuming."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from poisonbench.attacks import crafting
+from poisonbench.data.imageset import ImageSet
+
+
+def random_imageset(per_class: int, side: int = 32, name: str = "tiny") -> ImageSet:
+    """Three classes of uniformly random images (seed 0): a set attacks craft on in seconds."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(per_class)
+    images = torch.randint(0, 256, (3 * per_class, 3, side, side), dtype=torch.uint8, generator=g)
+    return ImageSet(images, labels, ["a", "b", "c"], name=name, split="train")
 
 
 class Stop(Exception):

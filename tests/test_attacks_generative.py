@@ -15,7 +15,7 @@ from poisonbench.attacks import ATTACKS
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
 
-from crafting_checks import interrupt_then_resume
+from crafting_checks import interrupt_then_resume, random_imageset
 
 # Three units each (rounds / blocks), so that a run interrupted after unit 1 resumes at unit 2.
 PARAMS = {
@@ -30,10 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny():
     # 16×16: the smallest side the 4-level U-Net takes, and a quarter of the work of 32×32.
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(3).repeat_interleave(8)
-    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=g)
-    return ImageSet(images, labels, ["a", "b", "c"], name="tiny16", split="train")
+    return random_imageset(8, side=16, name="tiny16")
 
 
 @pytest.fixture(scope="module")

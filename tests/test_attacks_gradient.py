@@ -12,10 +12,9 @@ import poisonbench.attacks.chunked_pgd as chunked_pgd
 import poisonbench.attacks.tensorclog as tensorclog
 from poisonbench.attacks import ATTACKS
 from poisonbench.attacks.surrogate import build_crafting_model
-from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
 
-from crafting_checks import interrupt_then_resume
+from crafting_checks import interrupt_then_resume, random_imageset
 
 NAMES = ("tensorclog", "alignment")
 
@@ -25,10 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(3).repeat_interleave(8)
-    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return ImageSet(images, labels, ["a", "b", "c"], name="tiny", split="train")
+    return random_imageset(8)
 
 
 def _params(name: str) -> dict:

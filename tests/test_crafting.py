@@ -11,17 +11,13 @@ from poisonbench.attacks import ATTACKS, crafting
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.surrogate import build_crafting_model
 from poisonbench.data.augment import translate_flip
-from poisonbench.data.imageset import ImageSet
 
-from crafting_checks import interrupt_then_resume
+from crafting_checks import interrupt_then_resume, random_imageset
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(3).repeat_interleave(16)
-    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return ImageSet(images, labels, ["a", "b", "c"], name="tiny", split="train")
+    return random_imageset(16)
 
 
 def test_projection_keeps_budget_and_pixel_range():

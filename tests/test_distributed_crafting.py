@@ -17,6 +17,8 @@ from poisonbench.attacks.distributed import parse_devices, run_ranks
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError, PoisonbenchError
 
+from crafting_checks import random_imageset
+
 TWO = ["cpu", "cpu"]
 
 
@@ -29,10 +31,7 @@ def digits96(digits):
 
 @pytest.fixture(scope="module")
 def tiny():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(3).repeat_interleave(16)
-    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return ImageSet(images, labels, ["a", "b", "c"], name="tiny", split="train")
+    return random_imageset(16)
 
 
 @pytest.fixture(scope="module")
