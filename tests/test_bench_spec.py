@@ -338,7 +338,8 @@ def test_profile_attack_override_best_of_and_cell_sets():
     assert cells["synthetic", "eps16"]["attack_params"]["eps"] == pytest.approx(12 / 255)
     assert cells["synthetic", "eps32"]["attack_params"]["eps"] == pytest.approx(24 / 255)
     # defense_override replaces the backbone wholesale.
-    assert cells["ntga", "eps16"]["defense_params"] == {"weights": "backbones/digits_simclr_small_cnn.safetensors"}
+    assert cells["ntga", "eps16"]["defense_params"] == {"weights": "backbones/digits_simclr_small_cnn.safetensors",
+                                                      "pretrain": {"method": "simclr"}}
     spec = load_table("shortcuts/table4")
     assert "adversarial_training" not in {c.column for c in spec.cells()}  # derived: no jobs
 
