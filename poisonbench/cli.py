@@ -226,7 +226,10 @@ def cmd_job(args) -> None:
 
     result = run_job_dir(args.job_dir, args.data_root, args.wandb)
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"{args.job_dir}: clean test accuracy {result['metrics']['test_acc']:.2f}%")
+        # Every task's metrics (train: test_acc; separability: probe_acc; tsne: points).
+        metrics = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in sorted(result["metrics"].items()))
+        print(f"{args.job_dir}: {metrics}")
 
 
 def cmd_pretrain(args) -> None:

@@ -151,3 +151,15 @@ def test_linear_probe_fits_every_attacks_perturbations(name, digits):
     attack = ATTACKS.get(name)
     delta, labels = perturbations(attack.craft(train, attack.smoke, seed=0), train)
     assert separability(delta, labels, train.num_classes, "linear") >= 90.0
+
+
+def test_a_diverging_fixed_step_falls_back_to_a_line_search(digits):
+    """Clean digits, two-layer probe, the seed of shortcuts/table1's clean row, trial 0
+    (cpu profile): torch 2.14's fixed-length L-BFGS step overshoots to NaN there; the
+    step is undone and the fit goes on with strong Wolfe instead of stopping the table."""
+    train, _ = digits
+    features, labels = clean_features(train)
+    probe = fit_lbfgs(unit_rows(features), labels, 10, ProbeParams(kind="two_layer"), seed=547941939)
+    assert probe.fallback_step is not None and probe.train_acc >= 90.0, (probe.fallback_step, probe.train_acc)
+    plain = fit_lbfgs(unit_rows(features), labels, 10, ProbeParams(kind="two_layer"), seed=0)
+    assert plain.fallback_step is None  # the authors' fixed step where it converges

@@ -26,6 +26,19 @@ def test_fast_dev_run_demo_renders_nothing(tmp_path):
     assert result["config"]["fast_dev_run"] is True and 0 <= result["metrics"]["test_acc"] <= 100
 
 
+def test_job_verb_runs_an_analysis_job(capsys):
+    """`poisonbench job DIR` (what the executors launch) on a separability job: its
+    metric is probe_acc, not test_acc, and the verb must not trip over that."""
+    from poisonbench.training.job import prepare_dir
+
+    plan = runner.plan(runner.resolve_tables(None, "demo/digits-separability"), profile=None, trials=None,
+                       rows=["clean"], fast_dev_run=True)[0]
+    job_dir = plan.jobs[0].dir(runs_root())
+    prepare_dir(job_dir, plan.jobs[0].config)
+    assert main(["job", str(job_dir)]) == 0
+    assert "probe_acc" in capsys.readouterr().out and job_state(plan.jobs[0], runs_root()) == "done"
+
+
 def test_killed_run_finishes_every_job_exactly_once(monkeypatch):
     import poisonbench.training.job as job_module
 

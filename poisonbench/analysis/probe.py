@@ -17,6 +17,11 @@ therefore one ``LBFGS.step`` call of up to ``max_iter=20`` L-BFGS iterations (up
 along the L-BFGS direction (no line search) and a history of 100. ``ProbeParams``
 defaults to exactly that; ``iters_per_step=1`` would make a step one iteration.
 
+Where the fixed step diverges (the loss climbs above its starting value or overflows:
+seen on one init of clean digits under torch 2.14), that step is undone and it and the
+remaining steps use a strong-Wolfe line search (``Probe.fallback_step``); the script
+would end with NaN weights.
+
 Two differences between the paper's text and that script, and what we do:
 * Normalisation: the text says unit norm per row; the script rescales the whole
   tensor to [0, 1] by its global min and max. ``separability`` follows the text
@@ -81,6 +86,7 @@ class Probe:
     train_loss: float  # mean cross-entropy after the last step
     iterations: int  # L-BFGS iterations actually run (fewer than steps × iters_per_step once converged)
     evaluations: int  # loss-and-gradient evaluations actually run
+    fallback_step: int | None = None  # the step whose fixed-length update diverged (see fit_lbfgs)
 
     @property
     def device(self) -> torch.device:
@@ -160,8 +166,10 @@ def fit_lbfgs(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     x = features.to(device, torch.float32)
     y = labels.to(device)
     module = build_module(d, num_classes, params, seed, device)
-    opt = torch.optim.LBFGS(module.parameters(), lr=params.lr, max_iter=params.iters_per_step,
-                            history_size=params.history_size, line_search_fn=params.line_search)
+
+    def optimizer(line_search: str | None) -> torch.optim.LBFGS:
+        return torch.optim.LBFGS(module.parameters(), lr=params.lr, max_iter=params.iters_per_step,
+                                 history_size=params.history_size, line_search_fn=line_search)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -169,8 +177,33 @@ def fit_lbfgs(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         loss.backward()
         return loss
 
-    for _ in range(params.steps):
+    def loss_now() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(module(x), y))
+
+    start = loss_now()
+
+    opt, line_search, fallback_step, step = optimizer(params.line_search), params.line_search, None, 0
+    spent = (0, 0)  # (iterations, evaluations) of an optimizer given up on
+    while step < params.steps:
+        before = [p.detach().clone() for p in module.parameters()]
         opt.step(closure)
+        after = loss_now()
+        if math.isfinite(after) and after <= start:
+            step += 1
+            continue
+        # The fixed step diverged: the loss rose above its value at the start of the fit,
+        # or overflowed (seen on some inits of separable digits under torch 2.14: 1e23,
+        # then NaN). Undo the step and take it and the rest with a strong-Wolfe line
+        # search. The authors' script would go on diverging; the deviation is recorded as
+        # ``fallback_step``.
+        with torch.no_grad():
+            for p, saved in zip(module.parameters(), before):
+                p.copy_(saved)
+        if line_search is not None:
+            break  # nothing left to fall back to; the check below reports it if the loss is bad
+        spent = _counts(opt, module)
+        opt, line_search, fallback_step = optimizer("strong_wolfe"), "strong_wolfe", step
     with torch.no_grad():
         logits = module(x)
         loss = float(F.cross_entropy(logits, y))
@@ -180,9 +213,14 @@ def fit_lbfgs(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             f"L-BFGS diverged (final loss {loss}) with lr={params.lr}, line_search={params.line_search!r}; "
             "expected a finite loss: normalise the features or use line_search='strong_wolfe'"
         )
-    state = opt.state[next(iter(module.parameters()))]
+    iterations, evaluations = (a + b for a, b in zip(spent, _counts(opt, module)))
     return Probe(module=module.eval(), num_classes=num_classes, params=params, train_acc=acc, train_loss=loss,
-                 iterations=int(state.get("n_iter", 0)), evaluations=int(state.get("func_evals", 0)))
+                 iterations=iterations, evaluations=evaluations, fallback_step=fallback_step)
+
+
+def _counts(opt: torch.optim.LBFGS, module: nn.Module) -> tuple[int, int]:
+    state = opt.state[next(iter(module.parameters()))]
+    return int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
 
 
 def separability(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
