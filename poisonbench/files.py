@@ -37,9 +37,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared stores and data
     try:
         yield Path(tmp)
+        # After the write: a writer that replaces the file (safetensors does) would bring
+        # mkstemp's 0600 back, hiding shared stores and data from the rest of a group.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

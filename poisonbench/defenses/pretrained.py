@@ -56,12 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-import torch
-from safetensors.torch import save_file
-
 from poisonbench.defenses.base import Defense, register_defense
 from poisonbench.errors import ConfigError
-from poisonbench.files import atomic_path, home
+from poisonbench.files import home
 from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.models.weights import load_weights
@@ -79,6 +76,8 @@ class PretrainedParams:
     pretrain: dict | None = None  # pre-train the file when missing: {method, dataset, epochs, batch_size, seed}
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weights, str) or not self.weights.strip():
+            raise ValueError(f"weights must be the path of a local weights file, got {self.weights!r}")
         if not isinstance(self.download, bool):
             raise ValueError(f"download must be true or false, got {self.download!r}")
         if self.pretrain is not None:
@@ -92,8 +91,6 @@ class PretrainedParams:
             raise ValueError("give download or pretrain, not both: they are two ways to make the same file")
         if self.download and not str(self.model or "").startswith("timm:"):
             raise ValueError(f"download needs model: timm:<arch>[.<tag>] (the weights timm publishes), got {self.model!r}")
-        if not isinstance(self.weights, str) or not self.weights.strip():
-            raise ValueError(f"weights must be the path of a local weights file, got {self.weights!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"model must be a model name such as 'timm:resnet18', got {self.model!r}")
         if not isinstance(self.model_params, dict):
