@@ -115,23 +115,21 @@ def parse_sections(spec: str) -> list[str]:
 
 def parse_devices(spec: str) -> list[torch.device]:
     """``auto``: the CPU, and the current CUDA device when CUDA is available; otherwise
-    the devices of a comma list (``cpu``, ``cuda``, ``cuda:1``), each checked."""
+    the devices of a comma list (``cpu``, ``cuda``, ``cuda:1``), each checked as the
+    crafting devices are (``poisonbench.attacks.distributed.parse_devices``)."""
+    from poisonbench.attacks.distributed import parse_devices as checked
+    from poisonbench.errors import ConfigError
+
     if spec.strip() == "auto":
         return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     devices: list[torch.device] = []
-    for part in (p.strip() for p in spec.split(",")):
+    for part in spec.split(","):
         try:
-            device = torch.device(part)
-        except RuntimeError:
-            raise ValueError(f"--device: {part!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+            (device,) = checked(part)  # one at a time: the bench may mix the CPU and GPUs
+        except ConfigError as err:
+            raise ValueError(f"--device: {err}") from None
         if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device: {part!r} is neither the CPU nor a CUDA device; "
-                             "expected auto, cpu, cuda or cuda:N")
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"--device {part}: CUDA is not available here; use cpu or auto")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise ValueError(f"--device {part}: there are {torch.cuda.device_count()} CUDA devices")
+            raise ValueError(f"--device: {part.strip()!r} is neither the CPU nor a CUDA device")
         if device not in devices:
             devices.append(device)
     return devices
