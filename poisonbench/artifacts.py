@@ -1,0 +1,123 @@
+"""Content-addressed artifacts: one helper for every cache poisonbench keeps.
+
+A poison store, a crafting surrogate, a base model, a pre-trained backbone and a block
+of extracted features are all the same kind of thing: a file determined by a key (the
+canonical JSON of everything that makes it), made once, written atomically, read many
+times. ``get_or_make`` is that life cycle in one place:
+
+- the path is ``$POISONBENCH_HOME/<kind>/<sha256 of the key>.<suffix>``;
+- a hit is loaded through the caller's ``load``, which verifies it; an entry that fails
+  to load (truncated, flipped bits, a file copied over another key's path) is removed
+  and made again, with one line saying so, so a damaged cache never stops a run;
+- a miss is made by ``make(path)`` (the path lets resumable work keep its checkpoints
+  beside the entry), saved through ``save(value, tmp)`` into a temporary file that is
+  renamed onto the path, and its cost (seconds, what made it) recorded beside it in
+  ``<stem>.cost.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generic, Mapping, TypeVar
+
+from safetensors import SafetensorError
+
+from poisonbench.files import atomic_path, canonical_json, home, write_json
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+COST_SUFFIX = ".cost.json"
+
+
+class CorruptArtifact(Exception):
+    """Raised by a ``load`` function when a cache entry is not what its key says."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """The address of one cache entry: ``<home>/<kind>/<digest><suffix>``."""
+
+    kind: str  # a folder under the home, e.g. "surrogates" or "stores/synthetic"
+    key: Mapping[str, Any]  # everything that determines the entry, JSON-serialisable
+    suffix: str = ".safetensors"
+    digest_chars: int = 24
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(canonical_json(dict(self.key)).encode()).hexdigest()[: self.digest_chars]
+
+    @property
+    def path(self) -> Path:
+        return home() / self.kind / f"{self.digest}{self.suffix}"
+
+
+@dataclass
+class Made(Generic[T]):
+    """What ``get_or_make`` returns: the value, where it lives, and what making it cost
+    in this call (0 seconds on a hit)."""
+
+    value: T
+    path: Path
+    seconds: float
+    cached: bool
+
+
+def cost_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + COST_SUFFIX)
+
+
+def read_cost(path: str | Path | None) -> dict | None:
+    """The cost record beside a cache entry, or ``None`` when it is missing or damaged
+    (a damaged record is only bookkeeping: it never stops the work it describes)."""
+    if path is None:
+        return None
+    record = cost_path(path)
+    try:
+        cost = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    seconds = cost.get("seconds") if isinstance(cost, dict) else None
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return cost
+
+
+def write_cost(path: str | Path, seconds: float, **details: Any) -> None:
+    write_json(cost_path(path), {"seconds": round(float(seconds), 3), **details})
+
+
+def remove(path: str | Path) -> None:
+    """Remove a cache entry and its cost record."""
+    Path(path).unlink(missing_ok=True)
+    cost_path(path).unlink(missing_ok=True)
+
+
+def get_or_make(artifact: Artifact | Path, *, load: Callable[[Path], T], make: Callable[[Path], T],
+                save: Callable[[T, Path], None], describe: Callable[[], dict] | None = None) -> Made[T]:
+    """Load the entry at ``artifact``'s path, or make, save and record it.
+
+    ``load`` raises ``CorruptArtifact`` (or an ``OSError``, ``ValueError`` or safetensors
+    error) for an entry that is not what the key says; that entry is removed and made
+    again. ``describe`` adds fields to the cost record (hardware, ranks).
+    """
+    path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
+    if path.is_file():
+        try:
+            return Made(load(path), path, 0.0, True)
+        except (CorruptArtifact, SafetensorError, OSError, ValueError) as e:
+            log.warning("cache entry %s is damaged (%s); making it again", path, e)
+            remove(path)
+    start = time.perf_counter()
+    value = make(path)
+    seconds = time.perf_counter() - start
+    with atomic_path(path) as tmp:
+        save(value, tmp)
+    write_cost(path, seconds, **(describe() if describe else {}))
+    return Made(value, path, seconds, False)
