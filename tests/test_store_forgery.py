@@ -227,3 +227,27 @@ def test_params_metadata_that_is_a_list(base, tmp_path):
         PoisonStore.open(tmp_path / "s.safetensors", base)
     one_sentence(err)
 
+
+
+# ------------------------------------------------------- a store given by path
+
+
+def test_store_given_by_path_is_held_to_its_own_attack(capsys, tmp_path, digits):
+    from poisonbench.cli import main
+
+    train, _ = digits
+    store = ATTACKS.get("random_noise").craft(train, {"eps": EPS}, seed=0)
+    path = forged(store, labels=(store.labels + 1) % 10).save(tmp_path / "flipped.safetensors")
+    argv = ["train", "--dataset", "digits", "--model", "small_cnn", "--fast-dev-run", "--store", str(path),
+            "--out", str(tmp_path / "job")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "changes" in err and "random_noise is a clean-label attack" in err and str(path) in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "job" / "result.json").exists()
+
+
+def test_store_of_an_unknown_attack_keeps_its_own_budget(base):
+    from poisonbench.attacks.base import check_declared
+
+    store = forged(honest(base), attack="someone_elses", labels=(honest(base).labels + 1) % 4)
+    assert check_declared(store, base) is store  # verified by PoisonStore alone; no declaration to hold it to

@@ -169,6 +169,21 @@ def check_store(store: PoisonStore, attack: Attack, params: Any, seed: int, imag
             raise PoisonStoreError(f"{where} changes {changed} labels, but {attack.name} is a clean-label attack")
 
 
+def check_declared(store: PoisonStore, imageset: ImageSet) -> PoisonStore:
+    """``check_store`` against what the store itself names (a store given by path, not
+    by a cache key): a registered attack's declared budget and labels. A store of an
+    attack this poisonbench does not know is held to its own verified budget alone."""
+    if store.attack not in ATTACKS:
+        return store
+    attack = ATTACKS.get(store.attack)
+    try:
+        params = attack.params(store.params)
+    except ConfigError as err:
+        raise PoisonStoreError(f"poison store {store.path} holds params that {attack.name} does not take ({err})") from None
+    check_store(store, attack, params, store.seed, imageset)
+    return store
+
+
 def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
                  device: DeviceSpec = "cpu", *, progress: bool = False,
                  checkpoint_every_s: float = 180.0) -> tuple[PoisonStore, float]:
