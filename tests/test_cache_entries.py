@@ -146,3 +146,26 @@ def test_resumed_craft_records_every_segments_seconds(tiny, monkeypatch):
     assert seconds >= second_segment + 1.4  # the first segment's seconds are counted too
     cost = craft_cost(store.path)
     assert cost["seconds"] == round(seconds, 3) and cost["resumed_s"] >= 1.4
+
+
+def test_corrupt_checkpoint_is_started_over(tiny, tmp_path):
+    attack = ATTACKS.get("adversarial")
+    params = {**attack.smoke, "mode": "untargeted"}
+    reference = attack.craft(tiny, params, seed=3)
+    path = tmp_path / "partial.safetensors"
+
+    def stop(unit: int) -> None:
+        if unit == 1:
+            raise Stop
+
+    with crafting.crafting(crafting.CraftContext(checkpoint=path, every_s=0.0, on_unit=stop)):
+        with pytest.raises(Stop):
+            attack.craft(tiny, params, seed=3)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x40  # inside the last tensor: still a readable safetensors file
+    path.write_bytes(bytes(data))
+    ctx = crafting.CraftContext(checkpoint=path, every_s=0.0)
+    with crafting.crafting(ctx):
+        resumed = attack.craft(tiny, params, seed=3)
+    assert ctx.units_done[0] == 0  # nothing was taken from the damaged checkpoint
+    assert torch.equal(resumed.images, reference.images)

@@ -7,7 +7,8 @@
   ``unit_generator(seed, unit)`` only, so a run that stops after unit k and resumes
   from the checkpoint of unit k computes exactly what an uninterrupted run does.
   ``Checkpoint`` writes the attack's partial state (tensors as safetensors, the rest
-  as JSON metadata) atomically, at most every ``every_s`` seconds, with the crafting
+  as JSON metadata) atomically, at most every ``every_s`` seconds, with their content
+  hash (a checkpoint that fails it, or cannot be read, is started over) and the crafting
   seconds spent so far over every run that led to it (``craft_s``), so that the cost
   recorded for a resumed store is the sum of its segments (``crafting_seconds``).
 - Sharding: with ``torch.distributed`` initialised (one process per device, started
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
 from poisonbench.files import atomic_path
 
@@ -147,6 +149,8 @@ class Checkpoint:
             with open(self.path, "rb") as f:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             meta = header.get("__metadata__") or {}
+            if "sha256" in meta and meta["sha256"] != tensors_sha256(tensors):
+                raise ValueError("content hash mismatch")
             return int(meta["unit"]), tensors, json.loads(meta.get("extras", "{}"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
             # A checkpoint is only an optimisation: an unreadable one is started over.
@@ -165,7 +169,8 @@ class Checkpoint:
         if self.path is None or not self._writer or (not force and time.monotonic() - self._last < self.every_s):
             return False
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        meta = {"unit": str(int(unit)), "extras": json.dumps(extras or {}, sort_keys=True)}
+        meta = {"unit": str(int(unit)), "extras": json.dumps(extras or {}, sort_keys=True),
+                "sha256": tensors_sha256(cpu)}  # a flipped bit restarts the run instead of steering it
         spent = context().seconds()
         if spent is not None:
             meta["craft_s"] = repr(round(spent, 3))

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from poisonbench.data.imageset import ImageSet
+from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
 from poisonbench.files import atomic_path, canonical_json, home
 from poisonbench.models import build_model
@@ -84,16 +85,6 @@ def _key(imageset: ImageSet, model: str, model_params: dict, activation: str, re
     return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:24]
 
 
-def _weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over each tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _load_cached(net: nn.Module, path) -> str | None:
     """Load the cached weights at ``path`` into ``net``; what is wrong with them, or None."""
     try:
@@ -105,7 +96,7 @@ def _load_cached(net: nn.Module, path) -> str | None:
         return f"is truncated or not a safetensors file ({err})"
     recorded = meta.get("content_sha256") if isinstance(meta, dict) else None
     # Files written before the hash was recorded are checked by the strict load alone.
-    if recorded is not None and recorded != _weights_sha256(tensors):
+    if recorded is not None and recorded != tensors_sha256(tensors):
         return "is corrupted: its content hash does not match"
     try:
         net.load_state_dict(tensors)
@@ -152,6 +143,6 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
         seconds = time.perf_counter() - start
         weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         with atomic_path(path) as tmp:
-            save_file(weights, str(tmp), metadata={"content_sha256": _weights_sha256(weights)})
+            save_file(weights, str(tmp), metadata={"content_sha256": tensors_sha256(weights)})
     return net.to(device).eval(), seconds
 

@@ -53,14 +53,23 @@ BUDGET_RTOL = 1e-5
 HASHED_METADATA = ("format_version", "attack", "params", "dataset", "base_fingerprint", "norm", "eps", "seed")
 
 
-def content_sha256(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """sha256 over each tensor's name, dtype, shape and bytes, in name order, and over
-    the ``HASHED_METADATA`` fields of ``meta``."""
-    h = hashlib.sha256()
+def _hash_tensors(h, tensors: dict[str, torch.Tensor]):
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order: the check
+    of every cache entry made of tensors (crafting models, crafting checkpoints)."""
+    return _hash_tensors(hashlib.sha256(), tensors).hexdigest()
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """``tensors_sha256``'s bytes followed by the ``HASHED_METADATA`` fields of ``meta``."""
+    h = _hash_tensors(hashlib.sha256(), tensors)
     h.update(canonical_json({k: meta.get(k) for k in HASHED_METADATA}).encode())
     return h.hexdigest()
 
