@@ -169,3 +169,14 @@ def test_corrupt_checkpoint_is_started_over(tiny, tmp_path):
         resumed = attack.craft(tiny, params, seed=3)
     assert ctx.units_done[0] == 0  # nothing was taken from the damaged checkpoint
     assert torch.equal(resumed.images, reference.images)
+
+
+def test_seconds_of_a_several_rank_run_come_from_rank_0s_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    partial = tmp_path / "s.partial.safetensors"
+    assert crafting.crafting_seconds(partial) == 0.0  # nothing to resume
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "s.partial.rank0.safetensors"), metadata={"unit": "3", "craft_s": "12.5"})
+    assert crafting.crafting_seconds(partial) == 12.5
+    save_file({"x": torch.zeros(1)}, str(partial), metadata={"unit": "3", "craft_s": "nan"})
+    assert crafting.crafting_seconds(partial) == 12.5  # an unusable record is skipped
