@@ -18,10 +18,21 @@ ranks). How an attack uses the ranks is declared when it is registered (``ranks`
   whole batches of the one-rank run with their own random streams, on rank 0's
   model; tests/test_distributed_crafting.py checks 2 ranks against 1). So the cache
   key is the one-device key, and a job on one GPU finds a store crafted on eight.
+
+What its stores may claim is declared too, and ``check_store`` holds every store to it
+(on every cache hit and after every craft): the store's attack, params, seed, dataset
+and base are the ones asked for; its budget is the one its params give (``budget``:
+the ``eps`` param as an ℓ∞ radius, or with ``norm="l2"`` the image radius
+sqrt(C·H·W)·eps, the shortcuts paper's §3.2 convention; an attack without that param
+changes nothing); and a clean-label attack (``keeps_labels``, the default) keeps every
+label. A cached store that fails any check is not used: it is crafted again.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +43,15 @@ import torch
 from poisonbench.attacks.distributed import DeviceSpec, parse_devices, run_ranks
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore, cache_path
-from poisonbench.errors import ConfigError
+from poisonbench.errors import ConfigError, PoisonStoreError
+from poisonbench.files import canonical_json
 from poisonbench.registry import Registry
+
+log = logging.getLogger(__name__)
 
 CraftFn = Callable[[ImageSet, Any, int, torch.device], PoisonStore]
 RANKS = ("one", "invariant")  # how an attack uses several devices (module docstring)
+BUDGET_NORMS = ("linf", "l2")  # the ball of an attack's budget param (module docstring)
 
 
 @dataclass(frozen=True)
@@ -49,10 +64,25 @@ class Attack:
     # tiny cost (a few steps, a tiny crafting model). Never used for a measurement.
     smoke: dict = dataclasses.field(default_factory=dict)
     ranks: str = "one"  # one | invariant: how it uses several devices (module docstring)
+    norm: str = "linf"  # the ball of its budget param: linf | l2 (module docstring, ``budget``)
+    budget_param: str = "eps"  # the param that is its budget; absent from its params: it changes nothing
+    keeps_labels: bool = True  # clean-label: its stores keep every training label
 
     def __post_init__(self) -> None:
         if self.ranks not in RANKS:
             raise ValueError(f"attack {self.name!r}: ranks must be one of {', '.join(RANKS)}, got {self.ranks!r}")
+        if self.norm not in BUDGET_NORMS:
+            raise ValueError(f"attack {self.name!r}: norm must be one of {', '.join(BUDGET_NORMS)}, got {self.norm!r}")
+
+    def budget(self, params: Any, image_shape: tuple[int, ...]) -> tuple[str, float]:
+        """The (norm, eps) its stores must declare for ``params`` on images of ``image_shape``
+        (C, H, W): the budget param as an ℓ∞ radius, or the ℓ2 image radius sqrt(C·H·W)·eps."""
+        if not hasattr(params, self.budget_param):
+            return "none", 0.0
+        eps = float(getattr(params, self.budget_param))
+        if self.norm == "l2":
+            return "l2", math.sqrt(math.prod(image_shape)) * eps
+        return "linf", eps
 
     def devices(self, device: DeviceSpec = "cpu") -> list[torch.device]:
         """The devices this attack crafts on for ``device`` (one, a list, or ``cuda:0,cuda:1``):
@@ -86,6 +116,7 @@ class Attack:
         else:
             store = run_ranks(self.craft_fn, devices, imageset, params, int(seed))
         store.verify(imageset)  # an attack that breaks its own budget is a bug caught here
+        check_store(store, self, params, seed, imageset)  # and so is one that breaks its declaration
         return store
 
 
@@ -93,12 +124,15 @@ ATTACKS: Registry[Attack] = Registry("attack")
 
 
 def register_attack(name: str, params_type: type, version: int = 1,
-                    smoke: dict | None = None, ranks: str = "one") -> Callable[[CraftFn], CraftFn]:
+                    smoke: dict | None = None, ranks: str = "one", norm: str = "linf",
+                    budget_param: str = "eps", keeps_labels: bool = True) -> Callable[[CraftFn], CraftFn]:
     """Register ``craft_fn`` under ``name`` with its hyperparameter dataclass (the
-    parameters of its smoke run, and how it uses several devices: ``ranks``)."""
+    parameters of its smoke run, how it uses several devices: ``ranks``, and what its
+    stores may change: ``norm``, ``budget_param``, ``keeps_labels``)."""
 
     def add(craft_fn: CraftFn) -> CraftFn:
-        ATTACKS.register(name)(Attack(name, params_type, craft_fn, version, dict(smoke or {}), ranks))
+        ATTACKS.register(name)(Attack(name, params_type, craft_fn, version, dict(smoke or {}), ranks,
+                                      norm, budget_param, bool(keeps_labels)))
         return craft_fn
 
     return add
@@ -106,6 +140,48 @@ def register_attack(name: str, params_type: type, version: int = 1,
 
 def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
+
+
+def check_store(store: PoisonStore, attack: Attack, params: Any, seed: int, imageset: ImageSet) -> None:
+    """Raise PoisonStoreError unless ``store`` is what ``attack`` with ``params`` and ``seed``
+    makes on ``imageset``, as far as its metadata and labels tell: what was asked for, not
+    what the file says (a store copied onto another key's path, a declared budget that is
+    not its params', labels a clean-label attack does not change)."""
+    where = f"poison store {store.path}" if store.path else "poison store"
+    asked = {"attack": attack.name, "params": params_dict(params), "seed": int(seed),
+             "dataset": imageset.name, "base_fingerprint": imageset.fingerprint}
+    held = {"attack": store.attack, "params": store.params, "seed": store.seed,
+            "dataset": store.dataset, "base_fingerprint": store.base_fingerprint}
+    for key, want in asked.items():
+        if canonical_json(held[key]) == canonical_json(want):
+            continue
+        if key == "params":
+            names = sorted(k for k in {*want, *held[key]} if want.get(k, "?") != held[key].get(k, "?"))
+            raise PoisonStoreError(f"{where} holds {attack.name} params that differ from those asked for in {', '.join(names)}")
+        raise PoisonStoreError(f"{where} holds {key} {held[key]!r}, not the {want!r} asked for")
+    norm, eps = attack.budget(params, tuple(imageset.images.shape[1:]))
+    if store.norm != norm or not math.isclose(store.eps, eps, rel_tol=1e-9, abs_tol=0.0):
+        raise PoisonStoreError(f"{where} declares budget {store.norm} {store.eps * 255:.4g}/255, but {attack.name} "
+                               f"with its params has {norm} {eps * 255:.4g}/255")
+    if attack.keeps_labels and store.index.numel():
+        changed = int((store.labels != imageset.labels[store.index]).sum())
+        if changed:
+            raise PoisonStoreError(f"{where} changes {changed} labels, but {attack.name} is a clean-label attack")
+
+
+def check_declared(store: PoisonStore, imageset: ImageSet) -> PoisonStore:
+    """``check_store`` against what the store itself names (a store given by path, not
+    by a cache key): a registered attack's declared budget and labels. A store of an
+    attack this poisonbench does not know is held to its own verified budget alone."""
+    if store.attack not in ATTACKS:
+        return store
+    attack = ATTACKS.get(store.attack)
+    try:
+        params = attack.params(store.params)
+    except ConfigError as err:
+        raise PoisonStoreError(f"poison store {store.path} holds params that {attack.name} does not take ({err})") from None
+    check_store(store, attack, params, store.seed, imageset)
+    return store
 
 
 def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
@@ -120,7 +196,7 @@ def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
     next call resumes from it. Returns the store and the seconds spent crafting (0 on a
     cache hit).
     """
-    from poisonbench.attacks.crafting import CraftContext, crafting
+    from poisonbench.attacks.crafting import CraftContext, crafting, crafting_seconds
     from poisonbench.attacks.distributed import describe_devices
 
     attack = ATTACKS.get(name)
@@ -129,19 +205,30 @@ def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
     world = len(devices)
     path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version)
     if path.exists():
-        return PoisonStore.open(path, imageset), 0.0
+        try:
+            store = PoisonStore.open(path, imageset)
+            check_store(store, attack, full, seed, imageset)
+            craft_cost(path)  # a bad cost record is named now, not after training
+            return store, 0.0
+        except PoisonStoreError as err:  # a cache entry is derived data: make it again
+            log.warning("%s; crafting it again", err)
     partial = path.with_name(path.stem + ".partial.safetensors")
+    # Seconds the interrupted runs before this one spent, as their last checkpoint recorded.
+    earlier = crafting_seconds(partial)
     start = time.perf_counter()
-    with crafting(CraftContext(checkpoint=partial, every_s=checkpoint_every_s, progress=progress)):
+    ctx = CraftContext(checkpoint=partial, every_s=checkpoint_every_s, progress=progress,
+                       earlier_s=earlier, started_at=time.time())
+    with crafting(ctx):
         store = attack.craft(imageset, full, seed, devices)
-    seconds = time.perf_counter() - start
+    seconds = earlier + time.perf_counter() - start
     store.save(path)
     for leftover in path.parent.glob(path.stem + ".partial*.safetensors"):  # per-rank files a crash left
         leftover.unlink(missing_ok=True)
     from poisonbench.files import write_json
 
     write_json(craft_cost_path(path), {"seconds": round(seconds, 3), "hardware": describe_devices(devices),
-                                       "ranks": world})
+                                       "ranks": world, "resumed_s": round(earlier, 3),
+                                       "store_sha256": PoisonStore.read_metadata(path)["content_sha256"]})
     return store, seconds
 
 
@@ -150,9 +237,44 @@ def craft_cost_path(store_path: Path) -> Path:
 
 
 def craft_cost(store_path: Path | None) -> dict | None:
-    """What crafting a cached store cost (seconds, hardware), recorded when it was made."""
-    import json
+    """What crafting a cached store cost (seconds, hardware), recorded when it was made.
 
-    if store_path is None or not craft_cost_path(Path(store_path)).is_file():
+    A record that is unreadable, malformed or made for another store is not used: the
+    warning names it and the command that removes it, and the answer is None (it is a
+    measurement, so it cannot be rebuilt; a missing cost never fails a finished job).
+    """
+    if store_path is None:
         return None
-    return json.loads(craft_cost_path(Path(store_path)).read_text())
+    record = craft_cost_path(Path(store_path))
+    if not record.is_file():
+        return None
+    try:
+        cost = json.loads(record.read_text())
+        problem = _cost_problem(cost, Path(store_path))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problem = f"is not readable JSON ({err})"
+    if problem:
+        log.warning("crafting cost record %s %s; it is ignored (remove it: rm %s)", record, problem, record)
+        return None
+    return cost
+
+
+def _cost_problem(cost: Any, store_path: Path) -> str | None:
+    """What is wrong with a ``.craft.json`` record, or None."""
+    if not isinstance(cost, dict):
+        return f"is a JSON {type(cost).__name__}, not an object"
+    seconds = cost.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        return f"has seconds {seconds!r}, not a finite number of seconds"
+    if not isinstance(cost.get("hardware"), str):
+        return f"has hardware {cost.get('hardware')!r}, not a text"
+    if "ranks" in cost and (isinstance(cost["ranks"], bool) or not isinstance(cost["ranks"], int) or cost["ranks"] < 1):
+        return f"has ranks {cost['ranks']!r}, not a positive integer"
+    if "store_sha256" in cost:  # records older than this check lack it
+        try:
+            held = PoisonStore.read_metadata(store_path).get("content_sha256")
+        except PoisonStoreError:
+            held = None
+        if cost["store_sha256"] != held:
+            return "was recorded for another store (its store_sha256 differs)"
+    return None

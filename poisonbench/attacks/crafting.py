@@ -7,7 +7,10 @@
   ``unit_generator(seed, unit)`` only, so a run that stops after unit k and resumes
   from the checkpoint of unit k computes exactly what an uninterrupted run does.
   ``Checkpoint`` writes the attack's partial state (tensors as safetensors, the rest
-  as JSON metadata) atomically, at most every ``every_s`` seconds.
+  as JSON metadata) atomically, at most every ``every_s`` seconds, with their content
+  hash (a checkpoint that fails it, or cannot be read, is started over) and the crafting
+  seconds spent so far over every run that led to it (``craft_s``), so that the cost
+  recorded for a resumed store is the sum of its segments (``crafting_seconds``).
 - Sharding: with ``torch.distributed`` initialised (one process per device, started
   by ``poisonbench.attacks.distributed.run_ranks``), each rank crafts ``shard(n)`` of
   the samples (every world-th sample, or every world-th block of ``block`` samples)
@@ -43,6 +46,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
 from poisonbench.files import atomic_path
 
@@ -61,6 +65,12 @@ class CraftContext:
     progress: bool = False  # rich progress bar on rank 0
     on_unit: Callable[[int], None] | None = None  # called after each finished unit (tests interrupt here)
     units_done: list[int] = field(default_factory=list)  # units computed (not resumed) in this run
+    earlier_s: float = 0.0  # crafting seconds of the interrupted runs this one resumes
+    started_at: float | None = None  # time.time() when this run began (wall clock: ranks are processes)
+
+    def seconds(self) -> float | None:
+        """Crafting seconds so far over every segment, or None when the start is unknown."""
+        return None if self.started_at is None else self.earlier_s + max(time.time() - self.started_at, 0.0)
 
 
 _CONTEXT: contextvars.ContextVar[CraftContext] = contextvars.ContextVar("craft_context", default=CraftContext())
@@ -139,8 +149,10 @@ class Checkpoint:
             with open(self.path, "rb") as f:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             meta = header.get("__metadata__") or {}
+            if "sha256" in meta and meta["sha256"] != tensors_sha256(tensors):
+                raise ValueError("content hash mismatch")
             return int(meta["unit"]), tensors, json.loads(meta.get("extras", "{}"))
-        except (OSError, ValueError, KeyError, RuntimeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
             # A checkpoint is only an optimisation: an unreadable one is started over.
             self.path.unlink(missing_ok=True)
             return None
@@ -157,7 +169,11 @@ class Checkpoint:
         if self.path is None or not self._writer or (not force and time.monotonic() - self._last < self.every_s):
             return False
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        meta = {"unit": str(int(unit)), "extras": json.dumps(extras or {}, sort_keys=True)}
+        meta = {"unit": str(int(unit)), "extras": json.dumps(extras or {}, sort_keys=True),
+                "sha256": tensors_sha256(cpu)}  # a flipped bit restarts the run instead of steering it
+        spent = context().seconds()
+        if spent is not None:
+            meta["craft_s"] = repr(round(spent, 3))
         with atomic_path(self.path) as tmp:
             save_file(cpu, str(tmp), metadata=meta)
         self._last = time.monotonic()
@@ -166,6 +182,22 @@ class Checkpoint:
     def remove(self) -> None:
         if self.path is not None and self._writer:
             self.path.unlink(missing_ok=True)
+
+
+def crafting_seconds(path: Path) -> float:
+    """The crafting seconds recorded by the checkpoint at ``path`` (or its rank-0 file
+    when the run had several ranks): 0 when there is none or it cannot be read."""
+    path = Path(path)
+    for candidate in (path, path.with_name(f"{path.stem}.rank0{path.suffix}")):
+        try:
+            with open(candidate, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            seconds = float(header["__metadata__"]["craft_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
+    return 0.0
 
 
 def _broadcast_state(found: tuple[int, dict[str, torch.Tensor], dict] | None

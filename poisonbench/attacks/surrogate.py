@@ -6,23 +6,31 @@ in the crafting models"). ``trained_model`` trains one on clean data with
 poisonbench's own training (``VictimModule`` and the Lightning trainer factory) and
 caches its weights as safetensors under ``$POISONBENCH_HOME/surrogates/``, keyed by
 the content hash of everything that determines them, so that the targeted and the
-untargeted adversarial poisons of one table share one crafting model.
+untargeted adversarial poisons of one table share one crafting model. A cached model
+is verified when it is read (readable safetensors, the content hash it was written
+with, every weight of the model with its shape); one that fails is trained again.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from dataclasses import dataclass
 
 import lightning as L
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from poisonbench.data.imageset import ImageSet
+from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
 from poisonbench.files import atomic_path, canonical_json, home
 from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
+
+log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("relu", "tanh")
 
@@ -77,6 +85,26 @@ def _key(imageset: ImageSet, model: str, model_params: dict, activation: str, re
     return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:24]
 
 
+def _load_cached(net: nn.Module, path) -> str | None:
+    """Load the cached weights at ``path`` into ``net``; what is wrong with them, or None."""
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        return f"is truncated or not a safetensors file ({err})"
+    recorded = meta.get("content_sha256") if isinstance(meta, dict) else None
+    # Files written before the hash was recorded are checked by the strict load alone.
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        return "is corrupted: its content hash does not match"
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError as err:
+        return f"does not hold this model's weights ({str(err).splitlines()[0]})"
+    return None
+
+
 def trained_model(imageset: ImageSet, model: str, model_params: dict | None, activation: str,
                   recipe: SurrogateRecipe, seed: int, device: torch.device,
                   progress: bool = False) -> tuple[ImageClassifier, float]:
@@ -92,9 +120,10 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
     net = build_crafting_model(model, imageset.num_classes, params, activation)
     path = home() / "surrogates" / f"{_key(imageset, model, params, activation, recipe, seed)}.safetensors"
     seconds = 0.0
-    if path.is_file():
-        net.load_state_dict(load_file(str(path)))
-    else:
+    problem = _load_cached(net, path) if path.is_file() else "is missing"
+    if problem is not None and path.exists():  # a cache entry is derived data: make it again
+        log.warning("cached crafting model %s %s; training it again", path, problem)
+    if problem is not None:  # (the model is built anew below: no half-loaded weights survive)
         import time
 
         if not progress:
@@ -112,7 +141,8 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
             data = PoisonedDataModule(imageset, head, None, batch_size=recipe.batch_size, seed=int(seed))
             build_trainer(train, None, progress_bar=progress).fit(module, datamodule=data)
         seconds = time.perf_counter() - start
+        weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         with atomic_path(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+            save_file(weights, str(tmp), metadata={"content_sha256": tensors_sha256(weights)})
     return net.to(device).eval(), seconds
 

@@ -62,7 +62,7 @@ def sample_points(counts: list[int], dim: int, class_sep: float, seed: int) -> l
     return [points[labels == i][:n] for i, n in enumerate(counts)]
 
 
-@register_attack("synthetic", SyntheticParams)
+@register_attack("synthetic", SyntheticParams, norm="l2")
 def craft(imageset: ImageSet, params: SyntheticParams, seed: int, device: torch.device) -> PoisonStore:
     """Synthetic shortcut perturbations for every training image (Algorithms 1 + 2)."""
     n, c, h, w = imageset.images.shape

@@ -8,12 +8,16 @@ optional integrity-attack tensors (``trigger``, ``trigger_mask``, ``target_index
 Opening a store verifies everything a victim could be fooled by: the format version,
 the content hash (a flipped bit is caught), the base dataset's fingerprint, shapes and
 dtypes, unique in-range indices, and the perturbation (store − clean) within the
-declared budget. Every failure is a ``PoisonStoreError`` naming the file.
+declared budget (itself finite and not negative), and the optional integrity tensors'
+dtypes and shapes (``OPTIONAL_SHAPES``). Every failure is a ``PoisonStoreError``
+naming the file. What a store claims about its making (attack, params, seed, budget)
+is checked against what a job asked for by ``poisonbench.attacks.base.check_store``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,15 @@ from poisonbench.files import atomic_path, canonical_json, home
 FORMAT_VERSION = "1"
 NORMS = ("linf", "l2", "none")
 OPTIONAL_TENSORS = ("trigger", "trigger_mask", "target_index", "target_label")
+# What each optional tensor must be (DESIGN.md, "Integrity threat model"): patch pixels
+# uint8 [C,h,w] no larger than an image; a 0/1 mask of the patch's [h,w] or [C,h,w];
+# target images as int64 indices into the test split [T]; their adversarial labels [T].
+OPTIONAL_SHAPES = {
+    "trigger": "uint8 [C,h,w] with h, w at most the image's",
+    "trigger_mask": "bool or uint8 0/1 of the trigger's [h,w] or [C,h,w]",
+    "target_index": "int64 [T], T >= 1, not negative",
+    "target_label": "int64 [T] (as target_index) within the classes",
+}
 # Float slack of the budget check: stores are quantised to stay inside their budget,
 # so only rounding in the float arithmetic of the check itself needs room.
 BUDGET_RTOL = 1e-5
@@ -40,14 +53,23 @@ BUDGET_RTOL = 1e-5
 HASHED_METADATA = ("format_version", "attack", "params", "dataset", "base_fingerprint", "norm", "eps", "seed")
 
 
-def content_sha256(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """sha256 over each tensor's name, dtype, shape and bytes, in name order, and over
-    the ``HASHED_METADATA`` fields of ``meta``."""
-    h = hashlib.sha256()
+def _hash_tensors(h, tensors: dict[str, torch.Tensor]):
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order: the check
+    of every cache entry made of tensors (crafting models, crafting checkpoints)."""
+    return _hash_tensors(hashlib.sha256(), tensors).hexdigest()
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """``tensors_sha256``'s bytes followed by the ``HASHED_METADATA`` fields of ``meta``."""
+    h = _hash_tensors(hashlib.sha256(), tensors)
     h.update(canonical_json({k: meta.get(k) for k in HASHED_METADATA}).encode())
     return h.hexdigest()
 
@@ -148,7 +170,12 @@ class PoisonStore:
                 header = json.loads(f.read(n))
         except (OSError, ValueError) as err:
             raise PoisonStoreError(f"poison store {path} is truncated or not a safetensors file ({err})") from None
-        return dict(header.get("__metadata__") or {})
+        if not isinstance(header, dict):
+            raise PoisonStoreError(f"poison store {path} has a header that is a JSON {type(header).__name__}, not an object")
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise PoisonStoreError(f"poison store {path} has metadata that is not a mapping of strings to strings")
+        return dict(meta)
 
     @classmethod
     def open(cls, path: str | os.PathLike, base: ImageSet) -> "PoisonStore":
@@ -173,6 +200,8 @@ class PoisonStore:
             eps, seed = float(meta["eps"]), int(meta["seed"])
         except ValueError:
             raise PoisonStoreError(f"poison store {path} has unreadable params, eps or seed metadata") from None
+        if not isinstance(params, dict):
+            raise PoisonStoreError(f"poison store {path} has params metadata that is a JSON {type(params).__name__}, not an object")
         extras = {k: v for k, v in tensors.items() if k in OPTIONAL_TENSORS}
         unknown = set(tensors) - {"index", "images", "labels", *OPTIONAL_TENSORS}
         if unknown or not {"index", "images", "labels"} <= set(tensors):
@@ -210,6 +239,11 @@ class PoisonStore:
         for ok, msg in checks:
             if not ok:
                 raise PoisonStoreError(f"{where}: {msg}")
+        # nan passes every "perturbation > eps" comparison and inf allows any; zero is a
+        # real budget (random_noise at eps 0 changes nothing), a negative one is not.
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise PoisonStoreError(f"{where} declares budget eps {self.eps!r}; it must be finite and not negative")
+        self._verify_extras(base)
         if m:
             if int(self.index.min()) < 0 or int(self.index.max()) >= len(base):
                 raise PoisonStoreError(f"{where}: indices must lie in [0, {len(base)}), got [{int(self.index.min())}, {int(self.index.max())}]")
@@ -226,6 +260,42 @@ class PoisonStore:
             raise PoisonStoreError(f"{where} is over budget: max l2 perturbation {budget['l2_max']:.3f}/255 > declared {self.eps * 255:.3f}/255")
         self.budget = budget
         return budget
+
+    def _verify_extras(self, base: ImageSet) -> None:
+        """The optional integrity tensors: known names, dtypes and shapes (``OPTIONAL_SHAPES``)."""
+        where, x = self._where(), self.extras
+        unknown = sorted(set(x) - set(OPTIONAL_TENSORS))
+        if unknown:
+            raise PoisonStoreError(f"{where} has unknown tensors {', '.join(unknown)}; the optional ones are {', '.join(OPTIONAL_TENSORS)}")
+        _, c, h, w = base.images.shape
+
+        def bad(name: str) -> PoisonStoreError:
+            t = x[name]
+            return PoisonStoreError(f"{where}: {name} must be {OPTIONAL_SHAPES[name]}, got {t.dtype} {tuple(t.shape)}")
+
+        trigger = x.get("trigger")
+        if trigger is not None and not (trigger.dtype == torch.uint8 and trigger.ndim == 3 and trigger.shape[0] == c
+                                        and 1 <= trigger.shape[1] <= h and 1 <= trigger.shape[2] <= w):
+            raise bad("trigger")
+        mask = x.get("trigger_mask")
+        if mask is not None:
+            if trigger is None:
+                raise PoisonStoreError(f"{where} has a trigger_mask but no trigger")
+            if mask.dtype not in (torch.bool, torch.uint8) or tuple(mask.shape) not in (tuple(trigger.shape), tuple(trigger.shape[1:])):
+                raise bad("trigger_mask")
+            if mask.dtype == torch.uint8 and mask.numel() and int(mask.max()) > 1:
+                raise PoisonStoreError(f"{where}: trigger_mask must hold only 0 and 1, got values up to {int(mask.max())}")
+        target = x.get("target_index")
+        if target is not None and not (target.dtype == torch.int64 and target.ndim == 1 and target.numel() >= 1
+                                       and int(target.min()) >= 0):
+            raise bad("target_index")
+        label = x.get("target_label")
+        if label is not None:
+            length = target.shape[0] if target is not None else (label.shape[0] if label.ndim == 1 else -1)
+            if not (label.dtype == torch.int64 and label.ndim == 1 and label.shape[0] == length >= 1):
+                raise bad("target_label")
+            if int(label.min()) < 0 or int(label.max()) >= base.num_classes:
+                raise PoisonStoreError(f"{where}: target_label must lie in [0, {base.num_classes})")
 
     def measured_budget(self, base: ImageSet) -> dict[str, float]:
         """Max ℓ∞, mean and max per-sample ℓ2 of (store − clean), in 1/255 units."""

@@ -25,7 +25,7 @@ import yaml
 
 from poisonbench import provenance
 from poisonbench.attacks import ATTACKS, craft_cached
-from poisonbench.attacks.base import craft_cost
+from poisonbench.attacks.base import check_declared, craft_cost
 from poisonbench.bench.jobs import CONFIG_FILE, RESULT_FILE, RESULT_FORMAT_VERSION
 from poisonbench.bench.spec import SCENARIOS
 from poisonbench.data import load_imageset
@@ -137,7 +137,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     craft_device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = bool(config.get("fast_dev_run"))
     if store_path is not None:
-        store, craft_s = PoisonStore.open(store_path, base), 0.0
+        store, craft_s = check_declared(PoisonStore.open(store_path, base), base), 0.0
     else:
         attack_params = dict(config.get("attack_params") or {})
         if fast:  # the same code path at a smoke run's cost (a few steps, a tiny crafting model)
