@@ -87,10 +87,9 @@ def surrogate(imageset):
 
 
 def surrogate_path(imageset):
-    from poisonbench.attacks.surrogate import _key
-    from poisonbench.files import home
+    from poisonbench.attacks.surrogate import surrogate_artifact
 
-    return home() / "surrogates" / f"{_key(imageset, MODEL[0], MODEL[1], MODEL[2], RECIPE, 0)}.safetensors"
+    return surrogate_artifact(imageset, MODEL[0], MODEL[1], MODEL[2], RECIPE, 0).path
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "other_model", "garbage"])
@@ -113,7 +112,7 @@ def test_corrupt_crafting_model_is_trained_again(tiny, caplog, damage):
     else:
         path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3, 4, 5, 6]")
     again, seconds = surrogate(tiny)
-    assert seconds > 0 and warned(caplog, str(path), "training it again")
+    assert seconds > 0 and warned(caplog, str(path), "making it again")
     for a, b in zip(net.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)  # trained again from the same seed: the same model
     _, cached = surrogate(tiny)

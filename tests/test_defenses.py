@@ -17,8 +17,8 @@ from poisonbench.defenses.adversarial_training import AdversarialTrainingParams,
 from poisonbench.errors import ConfigError
 from poisonbench.files import home
 from poisonbench.models import build_model
-from poisonbench.training.trainer import build_trainer, quiet_lightning
-from poisonbench.training.victim import VictimModule
+from poisonbench.fitting.trainer import build_trainer, quiet_lightning
+from poisonbench.fitting.victim import VictimModule
 
 TRAIN = {"epochs": 1, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
          "milestones": [], "accelerator": "cpu"}
@@ -300,7 +300,7 @@ def test_filter_hook_shrinks_the_poisoned_training_set(digits):
 
 # ------------------------------------------------------------------ linear eval
 def test_feature_cache_hits_on_the_second_call(digits):
-    from poisonbench.training.linear_eval import extract_features
+    from poisonbench.fitting.features import extract_features
 
     train, _ = digits
     torch.manual_seed(0)

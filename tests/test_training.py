@@ -9,8 +9,8 @@ from poisonbench.data.augment import random_crop_flip
 from poisonbench.data.module import PoisonedDataModule, ShardedBatchSampler, select_poisoned
 from poisonbench.errors import ConfigError
 from poisonbench.models import build_model
-from poisonbench.training.trainer import build_trainer
-from poisonbench.training.victim import VictimModule
+from poisonbench.fitting.trainer import build_trainer
+from poisonbench.fitting.victim import VictimModule
 
 TRAIN = {"epochs": 1, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
          "milestones": [], "accelerator": "cpu"}
@@ -80,7 +80,7 @@ def test_scenarios(digits, scenario):
 
 
 def test_unknown_scenario_and_precision():
-    from poisonbench.training.trainer import resolve_precision
+    from poisonbench.fitting.trainer import resolve_precision
 
     with pytest.raises(ConfigError, match="unknown scenario"):
         VictimModule(build_model("small_cnn", 10), 10, TRAIN, scenario="distill")
@@ -92,7 +92,7 @@ def test_unknown_scenario_and_precision():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_uses_bf16_and_channels_last(digits):
-    from poisonbench.training.trainer import resolve_precision
+    from poisonbench.fitting.trainer import resolve_precision
 
     assert resolve_precision("auto", "auto") == "bf16-mixed"
     train, test = digits

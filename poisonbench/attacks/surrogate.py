@@ -2,35 +2,33 @@
 
 ``build_crafting_model`` builds one, optionally with every ReLU replaced by Tanh (the
 shortcuts paper, Appendix C / Table 5: "we replace the ReLU layers with Tanh layers
-in the crafting models"). ``trained_model`` trains one on clean data with
-poisonbench's own training (``VictimModule`` and the Lightning trainer factory) and
-caches its weights as safetensors under ``$POISONBENCH_HOME/surrogates/``, keyed by
-the content hash of everything that determines them, so that the targeted and the
-untargeted adversarial poisons of one table share one crafting model. A cached model
-is verified when it is read (readable safetensors, the content hash it was written
-with, every weight of the model with its shape); one that fails is trained again.
+in the crafting models"). ``trained_model`` fits one on clean data
+(``poisonbench.fitting``) and caches its weights as an artifact under
+``$POISONBENCH_HOME/surrogates/``, keyed by everything that determines them, so that the
+targeted and the untargeted adversarial poisons of one table share one crafting model.
+A cached model is verified when it is read (readable safetensors, the content hash it
+was written with, every weight of the model with its shape); one that fails is trained
+again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
-from poisonbench.files import atomic_path, canonical_json, home
+from poisonbench.fitting.fit import fit_clean
+from poisonbench.fitting.trainer import quiet_lightning
 from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
-
-log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("relu", "tanh")
 
@@ -77,32 +75,36 @@ def _swap_relu(module: nn.Module) -> None:
             _swap_relu(child)
 
 
-def _key(imageset: ImageSet, model: str, model_params: dict, activation: str, recipe: SurrogateRecipe,
-         seed: int) -> str:
-    ident = {"dataset": imageset.name, "fingerprint": imageset.fingerprint, "model": model,
-             "model_params": model_params, "activation": activation,
-             "recipe": recipe.train_config(), "seed": int(seed), "version": 1}
-    return hashlib.sha256(canonical_json(ident).encode()).hexdigest()[:24]
+def surrogate_artifact(imageset: ImageSet, model: str, model_params: dict, activation: str,
+                       recipe: SurrogateRecipe, seed: int) -> Artifact:
+    """The cache address of a crafting model: everything that determines its weights."""
+    return Artifact("surrogates", {
+        "dataset": imageset.name, "fingerprint": imageset.fingerprint, "model": model,
+        "model_params": model_params, "activation": activation, "recipe": recipe.train_config(),
+        "seed": int(seed), "version": 1})
 
 
-def _load_cached(net: nn.Module, path) -> str | None:
-    """Load the cached weights at ``path`` into ``net``; what is wrong with them, or None."""
-    try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        return f"is truncated or not a safetensors file ({err})"
+def _load_weights(net: nn.Module, path: Path) -> nn.Module:
+    """``net`` with the cached weights at ``path``; ``CorruptArtifact`` when they are not
+    intact weights of this model."""
+    tensors = load_file(str(path))
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
     recorded = meta.get("content_sha256") if isinstance(meta, dict) else None
     # Files written before the hash was recorded are checked by the strict load alone.
     if recorded is not None and recorded != tensors_sha256(tensors):
-        return "is corrupted: its content hash does not match"
+        raise CorruptArtifact("its content hash does not match")
     try:
         net.load_state_dict(tensors)
     except RuntimeError as err:
-        return f"does not hold this model's weights ({str(err).splitlines()[0]})"
-    return None
+        raise CorruptArtifact(f"it does not hold this model's weights ({str(err).splitlines()[0]})") from None
+    return net
+
+
+def _save_weights(net: nn.Module, tmp: Path) -> None:
+    weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(weights, str(tmp), metadata={"content_sha256": tensors_sha256(weights)})
 
 
 def trained_model(imageset: ImageSet, model: str, model_params: dict | None, activation: str,
@@ -112,37 +114,22 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
 
     Returns the model and the seconds spent training (0 on a cache hit).
     """
-    from poisonbench.data.module import PoisonedDataModule
-    from poisonbench.training.trainer import build_trainer, quiet_lightning
-    from poisonbench.training.victim import VictimModule
-
     params = dict(model_params or {})
-    net = build_crafting_model(model, imageset.num_classes, params, activation)
-    path = home() / "surrogates" / f"{_key(imageset, model, params, activation, recipe, seed)}.safetensors"
-    seconds = 0.0
-    problem = _load_cached(net, path) if path.is_file() else "is missing"
-    if problem is not None and path.exists():  # a cache entry is derived data: make it again
-        log.warning("cached crafting model %s %s; training it again", path, problem)
-    if problem is not None:  # (the model is built anew below: no half-loaded weights survive)
-        import time
 
+    def make(_path: Path) -> nn.Module:
         if not progress:
             quiet_lightning()
-        start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             L.seed_everything(int(seed), verbose=False)
             net = build_crafting_model(model, imageset.num_classes, params, activation)
             train = recipe.train_config()
             if device.type == "cpu":
                 train["accelerator"] = "cpu"
-            module = VictimModule(net, imageset.num_classes, train)
-            # The training images double as the (unused) evaluation set: crafting needs no test data.
-            head = ImageSet(imageset.images[:256], imageset.labels[:256], imageset.classes, imageset.name, imageset.split)
-            data = PoisonedDataModule(imageset, head, None, batch_size=recipe.batch_size, seed=int(seed))
-            build_trainer(train, None, progress_bar=progress).fit(module, datamodule=data)
-        seconds = time.perf_counter() - start
-        weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(weights, str(tmp), metadata={"content_sha256": tensors_sha256(weights)})
-    return net.to(device).eval(), seconds
+            fit_clean(net, imageset, train, seed=int(seed), progress=progress)
+        return net
 
+    made = get_or_make(
+        surrogate_artifact(imageset, model, params, activation, recipe, seed),
+        load=lambda path: _load_weights(build_crafting_model(model, imageset.num_classes, params, activation), path),
+        make=make, save=_save_weights)
+    return made.value.to(device).eval(), made.seconds

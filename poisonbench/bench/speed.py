@@ -320,8 +320,8 @@ def bench_fit(steps: int, repeats: int) -> None:
     from poisonbench.data.augment import random_crop_flip, to_float
     from poisonbench.data.module import PoisonedDataModule
     from poisonbench.models import build_model
-    from poisonbench.training.trainer import build_trainer
-    from poisonbench.training.victim import VictimModule
+    from poisonbench.fitting.trainer import build_trainer
+    from poisonbench.fitting.victim import VictimModule
 
     batch = 128
     base, test = fake_cifar(steps * batch), fake_cifar(batch, seed=1)
@@ -510,7 +510,7 @@ def bench_features(devices: Sequence[torch.device], repeats: int, images: int | 
                    rows: Sequence[tuple[str, str, dict, int]] = FEATURE_MODELS) -> dict[tuple[str, str], float]:
     """Images/s of linear_eval's ``extract_features`` (uncached) on 32×32 uint8 images."""
     from poisonbench.models import build_model
-    from poisonbench.training.linear_eval import EXTRACT_BATCH, extract_features, feature_key
+    from poisonbench.fitting.features import EXTRACT_BATCH, extract_features, feature_key
 
     batch_size = batch_size or EXTRACT_BATCH
     rates = {}
@@ -541,7 +541,7 @@ def bench_features(devices: Sequence[torch.device], repeats: int, images: int | 
                 rates[(label, str(device))] = n / warm
                 print(f"features {label}, {side}×{side} into the backbone, {device}, {plural(n, 'image')} in "
                       f"batches of {batch_size}: {sig(n / warm)} images/s ({sig(warm)} s, median of {repeats}; cold "
-                      f"{sig(cold)} s; incl. {sig(key_s, 2)} s for the cache key, computed even with cache=False)")
+                      f"{sig(cold)} s); the cache key alone {sig(key_s, 2)} s")
                 del model
     return rates
 
@@ -550,7 +550,7 @@ def bench_lbfgs(devices: Sequence[torch.device], n: int = 50_000, d: int = 512, 
                 repeats: int | None = None, probe=None) -> dict[str, float]:
     """Seconds of linear_eval's L-BFGS fit (``probe.fit_lbfgs``) on random features."""
     from poisonbench.analysis.probe import fit_lbfgs
-    from poisonbench.training.linear_eval import LINEAR_EVAL_PROBE
+    from poisonbench.fitting.linear_eval import LINEAR_EVAL_PROBE
 
     probe = probe or LINEAR_EVAL_PROBE
     gen = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.pretrain import simclr, supervised
 from poisonbench.pretrain.auxiliary import auxiliary_dataset
-from poisonbench.training.trainer import quiet_lightning
+from poisonbench.fitting.trainer import quiet_lightning
 
 METHODS = ("simclr", "supervised")
 

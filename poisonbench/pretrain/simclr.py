@@ -37,7 +37,7 @@ from poisonbench.data.module import PoisonedDataModule
 from poisonbench.errors import ConfigError
 from poisonbench.pretrain.lars import LARS
 from poisonbench.pretrain.views import ViewParams, random_view
-from poisonbench.training.trainer import build_trainer
+from poisonbench.fitting.trainer import build_trainer
 
 OPTIMIZERS = ("sgd", "lars")
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from poisonbench.data.imageset import ImageSet
-from poisonbench.data.module import PoisonedDataModule
 from poisonbench.errors import ConfigError
+from poisonbench.fitting.fit import fit_clean
 from poisonbench.models.classifier import ImageClassifier
-from poisonbench.training.trainer import build_trainer
-from poisonbench.training.victim import VictimModule
 
 
 @dataclass(frozen=True)
@@ -73,10 +71,6 @@ def train_supervised(model: ImageClassifier, aux: ImageSet, params: SupervisedPa
     """
     train = {**params.train_config(), "accelerator": accelerator, "devices": 1,
              "eval_every": params.epochs}  # one evaluation, after the last epoch
-    data = PoisonedDataModule(aux, eval_set if eval_set is not None else aux, store=None,
-                              batch_size=params.batch_size, seed=seed)
-    module = VictimModule(model, aux.num_classes, train, scenario="scratch")
-    trainer = build_trainer(train, None)
-    trainer.fit(module, datamodule=data)
-    acc = trainer.callback_metrics.get("val/acc")
+    fitted = fit_clean(model, aux, train, seed=seed, eval_set=eval_set if eval_set is not None else aux)
+    acc = fitted.trainer.callback_metrics.get("val/acc")
     return {"eval_acc": float(acc) if acc is not None else None}

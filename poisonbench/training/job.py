@@ -10,7 +10,7 @@ poisoned training set (what a defender receives) before the trainer sees it, and
 ``prepare_model`` on the victim as built; the per-batch and per-step hooks run inside
 ``VictimModule``. The scenario routes the rest: ``scratch``, ``finetune`` and
 ``transfer`` train with Lightning; ``linear_eval`` extracts features once and fits an
-L-BFGS linear classifier (``poisonbench.training.linear_eval``), with no curve.
+L-BFGS linear classifier (``poisonbench.fitting.linear_eval``), with no curve.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from poisonbench.defenses import Defense, build_defense
 from poisonbench.errors import ConfigError, JobError
 from poisonbench.files import write_json, write_text
 from poisonbench.models import build_model
-from poisonbench.training.linear_eval import linear_eval
-from poisonbench.training.trainer import build_trainer, quiet_lightning
-from poisonbench.training.victim import VictimModule
+from poisonbench.fitting.fit import fit
+from poisonbench.fitting.linear_eval import linear_eval
+from poisonbench.fitting.trainer import quiet_lightning
 
 # --fast-dev-run checks that a job runs end to end, not what it measures: one batch of
 # at most this many images per stage keeps the smoke run over every table in minutes.
@@ -234,20 +234,14 @@ def _train(model, datamodule: PoisonedDataModule, config: dict, defense: Defense
            fast: bool, wandb: bool, progress_bar: bool) -> tuple[dict, bool]:
     """The Lightning scenarios: fit, then test; returns the result's parts and whether
     this process writes the result (rank 0)."""
-    train_cfg = dict(config["train"])
-    module = VictimModule(model, datamodule.num_classes, train_cfg, scenario=config.get("scenario", "scratch"),
-                          defense=defense)
     extra_loggers = []
     if wandb:
         from poisonbench.bench.tracking import wandb_logger
 
         extra_loggers.append(wandb_logger(config, job_dir, job_type="train"))
-    trainer = build_trainer(train_cfg, job_dir, fast_dev_run=fast,
-                            extra_loggers=extra_loggers, progress_bar=progress_bar)
-
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_s = time.perf_counter() - start
+    fitted = fit(model, datamodule, dict(config["train"]), scenario=config.get("scenario", "scratch"),
+                 hooks=defense, job_dir=job_dir, fast_dev_run=fast, loggers=extra_loggers, progress=progress_bar)
+    module, trainer, train_s = fitted.module, fitted.trainer, fitted.seconds
     train_acc = trainer.callback_metrics.get("train/acc")  # before test() resets them
     tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     outcome = {

@@ -10,11 +10,12 @@ scenarios"):
   arrives with the defense tables that use it.
 
 The fourth scenario, ``linear_eval`` (the shortcuts paper's features extracted once and
-an L-BFGS classifier), trains nothing with Lightning: ``poisonbench.training.linear_eval``.
+an L-BFGS classifier), trains nothing with Lightning: ``poisonbench.fitting.linear_eval``.
 
 The network is passed in, not built here. Augmentation (random crop with zero padding
 4 and horizontal flip) runs on the batch's device in ``on_after_batch_transfer``.
-A ``Defense`` (``poisonbench.defenses.base``) acts through two hooks called here: its
+A defense acts through two hooks called here (``TrainingHooks``, which
+``poisonbench.defenses.base.Defense`` implements; this layer knows no defense): its
 per-batch hook inside ``training_step`` (after augmentation, under the trainer's
 autocast, with the model in training mode), and its per-step hook in Lightning's
 ``on_before_optimizer_step`` (after backward, DDP all-reduce and AMP unscaling). Its
@@ -23,30 +24,38 @@ module exists, in the job. Accuracies are in percent.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from poisonbench.bench.spec import SCENARIOS
 from poisonbench.data.augment import random_crop_flip, to_float
-from poisonbench.defenses.base import Defense
 from poisonbench.errors import ConfigError
 
 OPTIMIZERS = ("sgd",)
 TRAINED_SCENARIOS = ("scratch", "finetune", "transfer")
 
 
+class TrainingHooks(Protocol):
+    """What a defense may do inside training: replace the batch, touch the gradients."""
+
+    def on_train_batch(self, model: torch.nn.Module, images: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def on_before_optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+
 class VictimModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, num_classes: int, train: dict,
                  scenario: str = "scratch", augment: bool = True, crop_padding: int = 4,
-                 defense: Defense | None = None) -> None:
+                 defense: TrainingHooks | None = None) -> None:
         super().__init__()
-        if scenario not in SCENARIOS:
-            raise ConfigError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+        if scenario == "linear_eval":
+            raise ConfigError("scenario 'linear_eval' trains nothing here: it runs in poisonbench.fitting.linear_eval")
         if scenario not in TRAINED_SCENARIOS:
-            raise ConfigError(f"scenario {scenario!r} is not trained by VictimModule (known here: "
-                              f"{', '.join(TRAINED_SCENARIOS)}); run it with poisonbench.training.linear_eval")
+            raise ConfigError(f"unknown scenario {scenario!r}; known here: {', '.join(TRAINED_SCENARIOS)}")
         if train.get("optimizer", "sgd") not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {train.get('optimizer')!r}; known: {', '.join(OPTIMIZERS)}")
         self.model, self.scenario, self.train_cfg = model, scenario, dict(train)

@@ -1,0 +1,60 @@
+"""Fitting a classifier with a recipe: the one place where a network is trained.
+
+A victim, a crafting surrogate, a base model and a supervised pre-training run are the
+same act: a ``VictimModule`` (scenario, optional training hooks) fitted by the Lightning
+trainer that ``build_trainer`` makes from a ``train`` recipe (a job config's ``train``
+mapping). ``fit`` takes a prepared data module (a poisoned training set, the clean test
+set); ``fit_clean`` fits on one clean image set, as the attacker's and the defender's
+auxiliary models are.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from poisonbench.data.imageset import ImageSet
+from poisonbench.data.module import PoisonedDataModule
+from poisonbench.fitting.trainer import build_trainer
+from poisonbench.fitting.victim import TrainingHooks, VictimModule
+
+# Without a held-out set, the first images of the training set stand in for the
+# evaluation set: the models fitted here are measured elsewhere, or not at all.
+STAND_IN_EVAL = 256
+
+
+@dataclass
+class Fitted:
+    """The trained module, its trainer (for metrics and the world size), and the seconds
+    ``trainer.fit`` took."""
+
+    module: VictimModule
+    trainer: L.Trainer
+    seconds: float
+
+
+def fit(model: torch.nn.Module, datamodule: PoisonedDataModule, recipe: dict, *, scenario: str = "scratch",
+        hooks: TrainingHooks | None = None, job_dir: Path | None = None, fast_dev_run: bool = False,
+        loggers: list | None = None, progress: bool = False) -> Fitted:
+    """Train ``model`` in place with ``recipe`` on ``datamodule``'s training set."""
+    module = VictimModule(model, datamodule.num_classes, recipe, scenario=scenario, defense=hooks)
+    trainer = build_trainer(recipe, job_dir, fast_dev_run=fast_dev_run, extra_loggers=loggers,
+                            progress_bar=progress)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return Fitted(module, trainer, time.perf_counter() - start)
+
+
+def fit_clean(model: torch.nn.Module, train_set: ImageSet, recipe: dict, *, seed: int,
+              eval_set: ImageSet | None = None, scenario: str = "scratch", hooks: TrainingHooks | None = None,
+              progress: bool = False) -> Fitted:
+    """Train ``model`` in place on the clean ``train_set`` (measured on ``eval_set``, by
+    default the first training images)."""
+    if eval_set is None:
+        eval_set = ImageSet(train_set.images[:STAND_IN_EVAL], train_set.labels[:STAND_IN_EVAL],
+                            train_set.classes, train_set.name, train_set.split)
+    data = PoisonedDataModule(train_set, eval_set, None, batch_size=int(recipe["batch_size"]), seed=int(seed))
+    return fit(model, data, recipe, scenario=scenario, hooks=hooks, progress=progress)
