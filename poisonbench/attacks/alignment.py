@@ -45,7 +45,7 @@ from torch import nn
 
 from poisonbench.attacks.base import register_attack
 from poisonbench.attacks.chunked_pgd import SMOKE, ChunkedPGDParams, ChunkObjective, craft_by_chunks
-from poisonbench.attacks.tensorclog import gradient_norm, parameter_gradient
+from poisonbench.attacks.gradients import cosine, parameter_gradient
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 
@@ -81,12 +81,6 @@ TARGET_LOSSES = {"reverse_ce": reverse_cross_entropy, "negative_ce": negative_cr
 def target_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: str) -> tuple[torch.Tensor, ...]:
     """∇_θ L_adv(f(x), y) on the clean batch, detached (a constant of the objective)."""
     return tuple(g.detach() for g in parameter_gradient(model, x, y, TARGET_LOSSES[target]))
-
-
-def cosine(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Cosine similarity of two parameter gradients, each flattened over all parameters."""
-    dot = sum((u * v).sum() for u, v in zip(a, b))
-    return dot / (gradient_norm(a) * gradient_norm(b)).clamp_min(1e-12)
 
 
 def alignment_objective(target: str):

@@ -32,14 +32,13 @@ itself be differentiated (double backward).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from poisonbench.attacks.base import register_attack
 from poisonbench.attacks.chunked_pgd import SMOKE, ChunkedPGDParams, ChunkObjective, craft_by_chunks
+from poisonbench.attacks.gradients import gradient_norm, parameter_gradient
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 
@@ -47,28 +46,6 @@ from poisonbench.data.store import PoisonStore
 @dataclass(frozen=True)
 class TensorClogParams(ChunkedPGDParams):
     """The chunked-PGD parameters with their forest defaults; the objective has none."""
-
-
-# ------------------------------------------------------------ parameter gradients
-
-
-def parameter_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-                       create_graph: bool = False) -> tuple[torch.Tensor, ...]:
-    """∇_θ loss_fn(model(inputs), labels) over the parameters that require gradients.
-
-    ``torch.autograd.grad`` returns the gradients instead of accumulating them into
-    ``.grad``, so the model's parameters stay untouched; with ``create_graph`` the
-    result can be differentiated again (w.r.t. the inputs: double backward).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = loss_fn(model(inputs), labels)
-    return torch.autograd.grad(loss, params, create_graph=create_graph)
-
-
-def gradient_norm(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The ℓ2 norm of all parameter gradients together."""
-    return torch.sqrt(sum(g.pow(2).sum() for g in grads))
 
 
 def tensorclog_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> ChunkObjective:
