@@ -33,6 +33,7 @@ from poisonbench.attacks.distributed import DeviceSpec, parse_devices, run_ranks
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore, cache_path
 from poisonbench.errors import ConfigError
+from poisonbench.params import parse_params
 from poisonbench.registry import Registry
 
 CraftFn = Callable[[ImageSet, Any, int, torch.device], PoisonStore]
@@ -61,16 +62,9 @@ class Attack:
         return devices if self.ranks != "one" else devices[:1]
 
     def params(self, overrides: dict | None = None) -> Any:
-        """The hyperparameters with ``overrides`` applied; unknown keys are an error."""
-        overrides = dict(overrides or {})
-        allowed = [f.name for f in dataclasses.fields(self.params_type)]
-        unknown = sorted(set(overrides) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown parameter {unknown[0]!r} for attack {self.name!r}; allowed: {', '.join(allowed) or 'none'}")
-        try:
-            return self.params_type(**overrides)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"bad parameters for attack {self.name!r}: {err}") from None
+        """The hyperparameters with ``overrides`` applied, checked by the shared checker
+        (unknown keys, types, each field's declared range)."""
+        return parse_params(self.params_type, overrides, f"attack {self.name!r}", "attack_params")
 
     def craft(self, imageset: ImageSet, params: dict | Any = None, seed: int = 0,
               device: DeviceSpec = "cpu") -> PoisonStore:
