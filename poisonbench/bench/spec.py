@@ -426,18 +426,23 @@ class TableSpec:
 def adhoc_config(profile: str, family: str, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
     """A config outside any table (``poisonbench train``), without per-job fields.
 
-    built-in DEFAULTS ⊕ family ``train`` ⊕ family ``override`` ⊕ ``layers`` in order:
-    what the command line says explicitly wins over the profile's override, and
-    ``lr_by_model`` applies unless a layer sets ``train.lr`` itself.
+    built-in DEFAULTS ⊕ family ``train`` ⊕ family ``override`` ⊕ ``layers`` in order,
+    then the profile's last word (``attack_override``, ``defense_override``,
+    ``lr_by_model``) except where a layer said otherwise: what the command line says
+    explicitly wins, always (in a table the profile's overrides come last instead).
     """
     fam = load_profile(profile).family(family)
     config = _lay(_lay(DEFAULTS, {"train": fam.train}), fam.override)
-    explicit_lr = False
+    explicit: dict[str, Any] = {}
     for layer in layers:
         layer = _check_set(layer, "the command-line options")
-        explicit_lr = explicit_lr or "lr" in layer.get("train", {})
         config = _lay(config, layer)
-    return fam.finish(config, explicit_lr)
+        explicit = _lay(explicit, layer)
+    config = fam.finish(config, explicit_lr="lr" in explicit.get("train", {}))
+    for key in ("attack_params", "defense_params"):
+        if explicit.get(key):
+            config[key] = deep_merge(config.get(key) or {}, explicit[key])
+    return config
 
 
 # The per-job fields of a job config (bench/jobs.py, cli.py train), beside DEFAULTS' keys.
