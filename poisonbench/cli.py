@@ -296,6 +296,7 @@ def cmd_leaderboard(args) -> None:
     from poisonbench.bench.jobs import runs_root
     from poisonbench.bench.render import render_all
 
+    check_writable(runner.leaderboards_dir(), "the leaderboards folder")
     if args.suite or args.table:
         plans = runner.plan(runner.resolve_tables(args.suite, args.table), profile=args.profile,
                             trials=None, rows=None, fast_dev_run=False)
@@ -318,6 +319,7 @@ def cmd_data(args) -> None:
     if args.action == "fixtures":
         from poisonbench.data.fixtures import write_fixtures
 
+        check_writable(root, "the data root")
         write_fixtures(root)
         print(f"fixture files for cifar10, cifar100 and svhn written under {root}")
         return
@@ -499,6 +501,9 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # wandb's banners, run summaries and sync hints are not this command's output; it
+    # reads the variable when a run starts, so it is set before any verb runs.
+    os.environ.setdefault("WANDB_SILENT", "true")
     # Signal handlers can only be set in the main thread (a test may call main elsewhere).
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS} if main_thread else {}

@@ -214,6 +214,22 @@ def test_sigterm_stops_train_with_143_and_resumable_state(tmp_path):
             child.wait()
     assert child.returncode == 128 + signal.SIGTERM, err
     assert "train stopped by SIGTERM" in err and "Traceback" not in err
-    for noise in ("exists and is not empty", "LeafSpec", "litlogger", "anonymous"):
-        assert noise not in err + out
+    for noise in NOISE:
+        assert noise not in err + out, noise
     assert (job / "config.yaml").is_file() and not (job / "result.json").exists()
+
+
+NOISE = ("exists and is not empty", "LeafSpec", "litlogger", "anonymous", "wandb:")
+
+
+def test_train_console_shows_progress_and_result_only(tmp_path):
+    env = {**os.environ, "POISONBENCH_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env.pop("WANDB_SILENT", None)  # the CLI itself must keep wandb and Lightning quiet
+    done = subprocess.run([sys.executable, "-m", "poisonbench", "train", "--dataset", "digits", "--model",
+                           "small_cnn", "--set", "train.epochs=1", "--wandb"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "clean test accuracy" in done.stdout
+    for noise in NOISE:
+        assert noise not in done.stdout + done.stderr, noise

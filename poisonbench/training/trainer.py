@@ -7,7 +7,6 @@ means bf16 mixed precision on CUDA and plain fp32 elsewhere.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -18,14 +17,13 @@ import torch
 def quiet_lightning() -> None:
     """Keep the console to progress and results: no banners, tips (litlogger), notices
     that a freshly prepared job directory is not empty or that an epoch is short, no
-    deprecations inside Lightning, and no wandb chatter unless WANDB_SILENT says so."""
+    deprecations inside Lightning (wandb's own chatter: WANDB_SILENT, set by the CLI)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     for pattern in (".*smaller than the logging interval.*", ".*exists and is not empty.*",
                     ".*overridden `on_after_batch_transfer`.*", ".*LeafSpec.*is deprecated.*",
                     ".*litlogger.*", ".*anonymous.*"):
         warnings.filterwarnings("ignore", pattern)
-    os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
