@@ -1,7 +1,10 @@
 """The ``poisonbench`` command: list | run | craft | train | inspect | leaderboard | data | job.
 
-Bad input (unknown names, wrong config keys, missing data, broken stores) prints one
-sentence and exits with code 2; ``--debug`` shows the traceback instead.
+Bad input (unknown names, wrong config keys, values out of range, missing data, broken
+stores, output folders that cannot be written) prints one sentence and exits with code
+2 before any work starts; ``--debug`` (before or after the verb) shows the traceback
+instead. SIGTERM and SIGINT stop a command with a sentence that says what is kept and
+exit code 128 + the signal's number (143, 130), as a shell reports a killed process.
 """
 from __future__ import annotations
 
@@ -88,6 +91,17 @@ def seed_arg(text: str) -> int:
     if not 0 <= seed < 2**32:
         raise argparse.ArgumentTypeError(f"seed must lie in [0, 2**32), got {seed}")
     return seed
+
+
+def positive_int(text: str) -> int:
+    """A count such as --trials or --epochs: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
+    return value
 
 
 def gpus_arg(text: str) -> list[str]:
@@ -230,17 +244,17 @@ def cmd_craft(args) -> None:
 def cmd_train(args) -> None:
     from poisonbench.bench.jobs import derive_seed, job_hash, runs_root
     from poisonbench.bench.spec import adhoc_config
+    from poisonbench.resolve import check_job
     from poisonbench.training.job import prepare_dir, run_job
 
-    from poisonbench.resolve import check_job
-
-    if args.store and args.attack:
-        raise ConfigError("give --store or --attack, not both: a store is the images of the attack "
-                          "that crafted it, and training on it crafts nothing")
+    sets = parse_sets(args.set)
+    if args.store and (args.attack or {"attack", "attack_params"} & set(sets)):
+        raise ConfigError("give --store or an attack (--attack, --set attack...), not both: the store "
+                          "already holds the images its attack crafted, and nothing is crafted")
     layers = {"dataset": args.dataset, "model": args.model, "scenario": args.scenario}
     if args.attack:
         layers["attack"] = args.attack
-    config = adhoc_config(args.profile, args.family, [layers, parse_sets(args.set)])
+    config = adhoc_config(args.profile, args.family, [layers, sets])
     config.update(table="adhoc", row=config["attack"], column=config["dataset"], trial=0,
                   seed=args.seed, poison_seed=derive_seed("adhoc", args.seed, "poison"),
                   profile=args.profile, fast_dev_run=args.fast_dev_run)
@@ -417,7 +431,7 @@ def build_parser() -> Parser:
     which.add_argument("--table", help="table id (e.g. shortcuts/table3) or path to a spec file")
     sp.add_argument("--profile", help="profile name (default: each table's own)")
     data_root(sp)
-    sp.add_argument("--trials", type=int, help="trials per cell (default: the spec's; 1 with --fast-dev-run)")
+    sp.add_argument("--trials", type=positive_int, help="trials per cell (default: the spec's; 1 with --fast-dev-run)")
     sp.add_argument("--rows", nargs="+", metavar="ROW", help="only these row ids")
     sp.add_argument("--fast-dev-run", action="store_true", help="one batch per stage per job; never renders leaderboards")
     sp.add_argument("--dry-run", action="store_true", help="list the jobs and their state, run nothing")
@@ -489,8 +503,8 @@ def build_parser() -> Parser:
     sp.add_argument("--model", help="model name (default: the dataset's cpu recipe, digits: small_cnn with pool=1)")
     sp.add_argument("--model-param", nargs="+", metavar="KEY=VALUE", help="model parameters, e.g. pool=1 width=32")
     sp.add_argument("--aux", metavar="DATASET[:SPLIT]", help="auxiliary data (default: cifar100 for cifar10 and the reverse, digits:aux for digits)")
-    sp.add_argument("--epochs", type=int, help="epochs (default: the method's recipe for the dataset)")
-    sp.add_argument("--batch-size", type=int, help="batch size (default: the method's recipe for the dataset)")
+    sp.add_argument("--epochs", type=positive_int, help="epochs (default: the method's recipe for the dataset)")
+    sp.add_argument("--batch-size", type=positive_int, help="batch size (default: the method's recipe for the dataset)")
     sp.add_argument("--seed", type=seed_arg, default=0)
     sp.add_argument("--out", help="backbone file (default $POISONBENCH_HOME/backbones/<dataset>_<method>_<model>.safetensors)")
     sp.add_argument("--if-missing", action="store_true", help="do nothing when the backbone file exists")

@@ -156,10 +156,14 @@ def test_job_config_with_a_bad_type(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["run", "--table", "demo/digits", "--gpus", "abc"], ["--gpus", "'abc'"]),
+    (["run", "--table", "demo/digits", "--trials", "0"], ["--trials", "at least 1, got 0"]),
+    (["pretrain", "simclr", "--dataset", "digits", "--epochs", "-1"], ["--epochs", "at least 1, got -1"]),
     (["run", "--table", "demo/digits", "--slurm", "foo"], ["--slurm", "--executor slurm"]),
     (["run", "--table", "demo/digits", "--executor", "slurm", "--slurm", "foo"], ["--slurm expects key=value"]),
     (["train", "--dataset", "digits", "--model", "small_cnn", "--store", "x.safetensors", "--attack", "synthetic"],
-     ["--store or --attack, not both"]),
+     ["give --store or an attack", "not both"]),
+    (["train", "--dataset", "digits", "--model", "small_cnn", "--store", "x.safetensors", "--set",
+      "attack_params.eps=0.1"], ["give --store or an attack", "not both"]),
 ])
 def test_option_conflicts_and_values(capsys, argv, fragments):
     one_line_error(*run_cli(capsys, *argv)[::2], *fragments)
