@@ -319,7 +319,8 @@ def load_profile(name: str) -> Profile:
         defense_override = _mapping(fam.get("defense_override"), f"defense_override in {fwhere}")
         families[paper] = Family(
             train=_check_train(fam.get("train") or {}, fwhere),
-            lr_by_model={m: _check_value(lr, float, f"lr_by_model.{m} in {fwhere}")
+            lr_by_model={m: check_number(_check_value(lr, float, f"lr_by_model.{m} in {fwhere}"), float,
+                                         POSITIVE, f"lr_by_model.{m} in {fwhere}")
                          for m, lr in lr_by_model.items()},
             override=_check_set(fam.get("override") or {}, f"{fwhere} override"),
             attack_override={a: dict(_mapping(p, f"attack_override.{a} in {fwhere}"))
