@@ -89,6 +89,8 @@ def _spec(tmp_path: Path, row_set: dict) -> Path:
     ({"defense": "nope"}, ["row 'bad'", "unknown defense 'nope'"]),
     ({"defense": "adversarial_training", "defense_params": {"steps": 0}}, ["row 'bad'", "defense_params.steps"]),
     ({"model": "small_cnn", "model_params": {"depth": 3}}, ["row 'bad'", "no parameter 'depth'"]),
+    ({"task": "separability", "task_params": {"probes": "linear"}}, ["row 'bad'", "unknown task_params 'probes'"]),
+    ({"task": "separability", "task_params": {"steps": "many"}}, ["row 'bad'", "task_params.steps", "an integer"]),
 ])
 def test_dry_run_resolves_every_row(capsys, tmp_path, row_set, fragments):
     path = _spec(tmp_path, row_set)
