@@ -1,13 +1,18 @@
 """The ``poisonbench`` command: list | run | craft | train | inspect | leaderboard | data | job.
 
-Bad input (unknown names, wrong config keys, missing data, broken stores) prints one
-sentence and exits with code 2; ``--debug`` shows the traceback instead.
+Bad input (unknown names, wrong config keys, values out of range, missing data, broken
+stores, output folders that cannot be written) prints one sentence and exits with code
+2 before any work starts; ``--debug`` (before or after the verb) shows the traceback
+instead. SIGTERM and SIGINT stop a command with a sentence that says what is kept and
+exit code 128 + the signal's number (143, 130), as a shell reports a killed process.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -17,6 +22,36 @@ from poisonbench.errors import ConfigError, PoisonbenchError
 from poisonbench.bench.spec import SCENARIOS
 
 EXIT_BAD_INPUT = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived. A BaseException, so that no ``except Exception`` on the way
+    (Lightning's included, which turns KeyboardInterrupt into exit 1 and SIGTERM into
+    exit 0) can take it for an error or swallow it; ``main`` reports it and exits
+    with 128 + the signal's number, as a shell does for a process the signal killed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# What a stopped verb leaves, and how to go on (a job is done only once its result is
+# written; crafting checkpoints every few minutes beside the store's cache path).
+RESUME = {
+    "run": "finished jobs are kept; run the same command again to go on (unfinished jobs start "
+           "afresh, crafting resumes from its last checkpoint)",
+    "train": "no result was written; run the same command again to train afresh (crafting "
+             "resumes from its last checkpoint)",
+    "craft": "run the same command again to resume crafting from its last checkpoint",
+    "job": "no result was written; run the same command again to run the job afresh",
+}
+
+
+def _stop(signum: int, frame) -> None:
+    # Lightning's own SIGTERM handler runs first (it stops DDP workers) and then calls
+    # this one, which it keeps as the previous handler.
+    raise Stopped(signum)
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,23 +61,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_sets(pairs: list[str] | None) -> dict:
+def parse_sets(pairs: list[str] | None, option: str = "--set") -> dict:
     """``key=value`` pairs (dotted keys nest, values are YAML) → a nested dict."""
     out: dict = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
+            raise ConfigError(f"{option} expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: {raw!r} is not a valid value") from None
+            raise ConfigError(f"{option} {key}: {raw!r} is not a valid value") from None
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is set to a value and cannot also hold keys")
+                raise ConfigError(f"{option} {key}: {part!r} is set to a value and cannot also hold keys")
         node[leaf] = value
     return out
 
@@ -56,6 +91,66 @@ def seed_arg(text: str) -> int:
     if not 0 <= seed < 2**32:
         raise argparse.ArgumentTypeError(f"seed must lie in [0, 2**32), got {seed}")
     return seed
+
+
+def positive_int(text: str) -> int:
+    """A count such as --trials or --epochs: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
+    return value
+
+
+def gpus_arg(text: str) -> list[str]:
+    """``--gpus 0,1,3``: comma-separated GPU ids (non-negative integers), each once."""
+    ids = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in ids):
+        raise argparse.ArgumentTypeError(f"--gpus expects comma-separated GPU ids such as 0,1,3; got {text!r}")
+    if len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"--gpus names a GPU twice: {text!r}")
+    return ids
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raise ``ConfigError`` unless ``path`` is a folder poisonbench can write in or create:
+    checked before any work, so that a long craft or training is not lost at its end."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {path} cannot be a folder: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} is not writable (no write permission on {probe})")
+
+
+def check_file_target(path: str | os.PathLike, option: str) -> None:
+    """Raise ``ConfigError`` unless ``path`` names a file that can be written (not a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give the path of the file to write")
+    check_writable(path.parent, f"the folder of {option}")
+
+
+def check_home() -> None:
+    """POISONBENCH_HOME (stores, runs, caches) must be writable before work starts."""
+    from poisonbench.files import home
+
+    where = "POISONBENCH_HOME" if os.environ.get("POISONBENCH_HOME") else "the poisonbench home"
+    check_writable(home(), where)
+
+
+def no_wandb_in_smoke_run(args) -> bool:
+    """``--wandb`` as asked, or False with a notice under ``--fast-dev-run`` (Lightning
+    replaces every logger with a dummy in a smoke run, so nothing would be logged)."""
+    if args.wandb and args.fast_dev_run:
+        print("poisonbench: --wandb logs nothing under --fast-dev-run (a smoke run); run without "
+              "--fast-dev-run to log", file=sys.stderr)
+        return False
+    return bool(args.wandb)
 
 
 def console():
@@ -83,17 +178,32 @@ def cmd_list(args) -> None:
 def cmd_run(args) -> None:
     from poisonbench.bench import runner
 
+    from poisonbench.resolve import check_job
+
+    if args.slurm and args.executor != "slurm":
+        raise ConfigError("--slurm sets submitit parameters and needs --executor slurm")
+    if args.gpus and args.executor != "local":
+        raise ConfigError("--gpus places jobs on this machine's GPUs and needs --executor local")
+    slurm = parse_sets(args.slurm, "--slurm") if args.executor == "slurm" else None
     specs = runner.resolve_tables(args.suite, args.table)
     plans = runner.plan(specs, profile=args.profile, trials=args.trials, rows=args.rows,
                         fast_dev_run=args.fast_dev_run)
+    checked = set()
+    for p in plans:  # every row resolves (names, params) before the first job runs
+        for job in p.jobs:
+            if (p.spec.id, job.row, job.column) not in checked:
+                checked.add((p.spec.id, job.row, job.column))
+                check_job(job.config, f"table {p.spec.id} row {job.row!r} column {job.column!r}")
     out = console()
     if args.dry_run:
         runner.show_plan(plans, out)
         return
-    gpus = args.gpus.split(",") if args.gpus else None
-    slurm = parse_sets(args.slurm) if args.executor == "slurm" else None
+    check_home()
+    if not args.fast_dev_run:
+        check_writable(runner.leaderboards_dir(), "the leaderboards folder")
     runner.run(plans, rerun=args.rerun, executor=args.executor, data_root=args.data_root,
-               wandb=args.wandb, gpus=gpus, slurm=slurm, render=not args.fast_dev_run, console=out)
+               wandb=no_wandb_in_smoke_run(args), gpus=args.gpus, slurm=slurm,
+               render=not args.fast_dev_run, console=out)
 
 
 def cmd_craft(args) -> None:
@@ -109,6 +219,9 @@ def cmd_craft(args) -> None:
     attack = ATTACKS.get(args.attack)
     params = attack.params(parse_sets(args.set))
     devices = attack.devices(args.devices)  # bad devices fail before the data is read
+    if args.out:
+        check_file_target(args.out, "--out")
+    check_home()
     base = load_imageset(args.dataset, args.data_root, "train")
     where = ", ".join(str(d) for d in devices)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -131,12 +244,17 @@ def cmd_craft(args) -> None:
 def cmd_train(args) -> None:
     from poisonbench.bench.jobs import derive_seed, job_hash, runs_root
     from poisonbench.bench.spec import adhoc_config
+    from poisonbench.resolve import check_job
     from poisonbench.training.job import prepare_dir, run_job
 
+    sets = parse_sets(args.set)
+    if args.store and (args.attack or {"attack", "attack_params"} & set(sets)):
+        raise ConfigError("give --store or an attack (--attack, --set attack...), not both: the store "
+                          "already holds the images its attack crafted, and nothing is crafted")
     layers = {"dataset": args.dataset, "model": args.model, "scenario": args.scenario}
     if args.attack:
         layers["attack"] = args.attack
-    config = adhoc_config(args.profile, args.family, [layers, parse_sets(args.set)])
+    config = adhoc_config(args.profile, args.family, [layers, sets])
     config.update(table="adhoc", row=config["attack"], column=config["dataset"], trial=0,
                   seed=args.seed, poison_seed=derive_seed("adhoc", args.seed, "poison"),
                   profile=args.profile, fast_dev_run=args.fast_dev_run)
@@ -146,10 +264,18 @@ def cmd_train(args) -> None:
         meta = PoisonStore.read_metadata(args.store)
         config["store_sha256"] = meta.get("content_sha256")
         config["attack"] = meta.get("attack", config["attack"])
+    check_job(config if not args.store else {**config, "attack": "none", "attack_params": {}},
+              "the command-line options")
     job_dir = Path(args.out) if args.out else runs_root() / "adhoc" / job_hash(config)
+    if args.dry_run:
+        print(yaml.safe_dump(config, sort_keys=True), end="")
+        print(f"# job directory: {job_dir}")
+        return
+    check_home()
+    check_writable(job_dir, "--out" if args.out else "the job directory")
     prepare_dir(job_dir, config)
     result = run_job(config, job_dir, data_root=args.data_root, store_path=args.store,
-                     wandb=args.wandb, progress_bar=not args.fast_dev_run)
+                     wandb=no_wandb_in_smoke_run(args), progress_bar=not args.fast_dev_run)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         m = result["metrics"]
         print(f"clean test accuracy {m['test_acc']:.2f}%  ({job_dir / 'result.json'})")
@@ -159,6 +285,8 @@ def cmd_inspect(args) -> None:
     from poisonbench.data import load_imageset
     from poisonbench.data.store import PoisonStore
 
+    if args.png:
+        check_file_target(args.png, "--png")
     meta = PoisonStore.read_metadata(args.store)
     if "dataset" not in meta:
         raise PoisonbenchError(f"poison store {args.store} has no dataset in its metadata")
@@ -182,6 +310,7 @@ def cmd_leaderboard(args) -> None:
     from poisonbench.bench.jobs import runs_root
     from poisonbench.bench.render import render_all
 
+    check_writable(runner.leaderboards_dir(), "the leaderboards folder")
     if args.suite or args.table:
         plans = runner.plan(runner.resolve_tables(args.suite, args.table), profile=args.profile,
                             trials=None, rows=None, fast_dev_run=False)
@@ -204,12 +333,17 @@ def cmd_data(args) -> None:
     if args.action == "fixtures":
         from poisonbench.data.fixtures import write_fixtures
 
+        check_writable(root, "the data root")
         write_fixtures(root)
         print(f"fixture files for cifar10, cifar100 and svhn written under {root}")
         return
     names = args.names or [n for n in DATASETS.names() if n != "digits"]
     for name in names:
         DATASETS.get(name)
+    if args.action == "download":
+        check_writable(root, "the data root")
+    failed = []
+    for name in names:
         if args.action == "download":
             download.fetch(name, root)
             print(f"{name}: downloaded and verified under {root}")
@@ -218,12 +352,22 @@ def cmd_data(args) -> None:
             for path, status in rows:
                 print(f"{name}: {status:14s} {path}")
             if any(status != "ok" for _, status in rows):
-                raise PoisonbenchError(f"{name} under {root} failed its check; fetch it with: poisonbench data download {name} --data-root {root}")
+                failed.append(name)
+    if failed:  # every dataset is reported before the verdict
+        raise PoisonbenchError(f"{', '.join(failed)} under {root} failed {'its' if len(failed) == 1 else 'their'} "
+                               f"check; fetch with: poisonbench data download {' '.join(failed)} --data-root {root}")
 
 
 def cmd_job(args) -> None:
-    from poisonbench.training.job import run_job_dir
+    from poisonbench.bench.spec import check_job_config
+    from poisonbench.resolve import check_job
+    from poisonbench.training.job import CONFIG_FILE, load_config, run_job_dir
 
+    where = f"job config {Path(args.job_dir) / CONFIG_FILE}"
+    config = load_config(Path(args.job_dir))
+    check_job_config(config, where)
+    check_job(config, where)
+    check_home()
     result = run_job_dir(args.job_dir, args.data_root, args.wandb)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         # Every task's metrics (train: test_acc; separability: probe_acc; tsne: points).
@@ -238,6 +382,9 @@ def cmd_pretrain(args) -> None:
     for pair in args.model_param or []:
         if "=" not in pair:
             raise ConfigError(f"--model-param expects key=value, got {pair!r}")
+    if args.out:
+        check_file_target(args.out, "--out")
+    check_home()
     if args.if_missing:
         from poisonbench.pretrain.run import default_path
 
@@ -249,7 +396,7 @@ def cmd_pretrain(args) -> None:
     if args.aux:
         name, _, split = args.aux.partition(":")
         aux = (name, split or "train")
-    result = pretrain(args.method, args.dataset, model=args.model, model_params=parse_sets(args.model_param),
+    result = pretrain(args.method, args.dataset, model=args.model, model_params=parse_sets(args.model_param, "--model-param"),
                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, out=args.out,
                       data_root=args.data_root, aux=aux, on_start=lambda line: print(line, file=sys.stderr))
     epochs = result.params["epochs"]
@@ -262,49 +409,56 @@ def build_parser() -> Parser:
     p = Parser(prog="poisonbench", description="Benchmark suite for data-poisoning attacks and defenses.")
     p.add_argument("--version", action="version", version=f"poisonbench {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    # --debug after the verb too; SUPPRESS keeps a verb's parser from resetting one given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser, metavar="VERB")
 
-    def data_root(sp):
-        sp.add_argument("--data-root", help="dataset folder (default $POISONBENCH_DATA or ~/.cache/poisonbench/data)")
+    def verb(name: str, **kw) -> Parser:
+        return sub.add_parser(name, parents=[common], **kw)
 
-    sp = sub.add_parser("list", help="list attacks, defenses, models, datasets, tables, suites, profiles")
+    def data_root(sp):
+        sp.add_argument("--data-root", help="dataset folder (default $POISONBENCH_DATA, else $POISONBENCH_HOME/data)")
+
+    sp = verb("list", help="list attacks, defenses, models, datasets, tables, suites, profiles")
     sp.add_argument("kind", nargs="?", choices=["attacks", "defenses", "models", "datasets", "tables", "suites", "profiles"])
     sp.set_defaults(func=cmd_list)
 
-    sp = sub.add_parser("run", help="run the jobs of a table or suite and render its leaderboards")
+    sp = verb("run", help="run the jobs of a table or suite and render its leaderboards")
     which = sp.add_mutually_exclusive_group(required=True)
     which.add_argument("--suite", help="suite name (configs/suites)")
     which.add_argument("--table", help="table id (e.g. shortcuts/table3) or path to a spec file")
     sp.add_argument("--profile", help="profile name (default: each table's own)")
     data_root(sp)
-    sp.add_argument("--trials", type=int, help="trials per cell (default: the spec's; 1 with --fast-dev-run)")
+    sp.add_argument("--trials", type=positive_int, help="trials per cell (default: the spec's; 1 with --fast-dev-run)")
     sp.add_argument("--rows", nargs="+", metavar="ROW", help="only these row ids")
     sp.add_argument("--fast-dev-run", action="store_true", help="one batch per stage per job; never renders leaderboards")
     sp.add_argument("--dry-run", action="store_true", help="list the jobs and their state, run nothing")
     sp.add_argument("--rerun", action="store_true", help="run done jobs again")
     sp.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
     sp.add_argument("--executor", default="local", choices=["local", "slurm"], help="where jobs run (default local)")
-    sp.add_argument("--gpus", help="comma-separated GPU ids: one job per GPU in parallel (local executor)")
+    sp.add_argument("--gpus", type=gpus_arg, help="comma-separated GPU ids: one job per GPU in parallel (local executor)")
     sp.add_argument("--slurm", nargs="+", metavar="KEY=VALUE", help="submitit parameters, e.g. slurm_partition=gpu timeout_min=600 gpus_per_node=1")
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("craft", help="craft a poison store (cached by content)")
+    sp = verb("craft", help="craft a poison store (cached by content)")
     sp.add_argument("attack")
     sp.add_argument("--dataset", required=True)
     data_root(sp)
     sp.add_argument("--seed", type=seed_arg, default=0)
     sp.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="attack hyperparameters")
-    sp.add_argument("--out", help="also copy the store to this file")
+    sp.add_argument("--out", help="also copy the store to this file (not a folder)")
     sp.add_argument("--devices", help="where to craft: cuda:0,cuda:1 (one rank per GPU) or cpu,cpu (CPU ranks); "
                                       "default cuda if a GPU is available, else cpu. Attacks that do not shard "
                                       "craft on the first device")
     sp.set_defaults(func=cmd_craft)
 
-    sp = sub.add_parser("train", help="train one victim (optionally on a poison store) and measure it")
+    sp = verb("train", help="train one victim (optionally on a poison store) and measure it")
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--model", required=True)
     sp.add_argument("--store", help="poison store file to train on (default: craft --attack, or clean)")
-    sp.add_argument("--attack", help="attack to craft (with the cache) when no --store is given")
+    sp.add_argument("--attack", help="attack to craft (with the cache); not with --store")
     sp.add_argument("--scenario", default="scratch", choices=list(SCENARIOS))
     sp.add_argument("--profile", default="cpu", help="profile whose training recipe is used (default cpu)")
     sp.add_argument("--family", default="shortcuts", help="profile family (paper) of the recipe (default shortcuts)")
@@ -313,16 +467,17 @@ def build_parser() -> Parser:
     data_root(sp)
     sp.add_argument("--out", help="job directory (default under $POISONBENCH_HOME/runs/adhoc)")
     sp.add_argument("--fast-dev-run", action="store_true")
+    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and job directory, run nothing")
     sp.add_argument("--wandb", action="store_true")
     sp.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("inspect", help="verify a poison store and print its metadata and measured budget")
+    sp = verb("inspect", help="verify a poison store and print its metadata and measured budget")
     sp.add_argument("store")
     data_root(sp)
     sp.add_argument("--png", help="save a grid of clean / poisoned / amplified perturbation images")
     sp.set_defaults(func=cmd_inspect)
 
-    sp = sub.add_parser("leaderboard", help="render leaderboards from the results on disk")
+    sp = verb("leaderboard", help="render leaderboards from the results on disk")
     which = sp.add_mutually_exclusive_group()
     which.add_argument("--suite")
     which.add_argument("--table")
@@ -330,26 +485,26 @@ def build_parser() -> Parser:
     sp.add_argument("--wandb", action="store_true")
     sp.set_defaults(func=cmd_leaderboard)
 
-    sp = sub.add_parser("data", help="download, check (md5) or write test fixtures of datasets")
+    sp = verb("data", help="download, check (md5) or write test fixtures of datasets")
     sp.add_argument("action", choices=["download", "check", "fixtures"])
     sp.add_argument("names", nargs="*", help="datasets (default: all downloadable)")
     data_root(sp)
     sp.set_defaults(func=cmd_data)
 
-    sp = sub.add_parser("job", help="run one prepared job by its directory (what executors launch)")
+    sp = verb("job", help="run one prepared job by its directory (what executors launch)")
     sp.add_argument("job_dir")
     data_root(sp)
     sp.add_argument("--wandb", action="store_true")
     sp.set_defaults(func=cmd_job)
 
-    sp = sub.add_parser("pretrain", help="pre-train a backbone on the auxiliary data of a dataset (pre-trained-extractor defense)")
+    sp = verb("pretrain", help="pre-train a backbone on the auxiliary data of a dataset (pre-trained-extractor defense)")
     sp.add_argument("method", choices=["simclr", "supervised"])
     sp.add_argument("--dataset", required=True, help="the dataset to be defended; pre-training uses its auxiliary data")
     sp.add_argument("--model", help="model name (default: the dataset's cpu recipe, digits: small_cnn with pool=1)")
     sp.add_argument("--model-param", nargs="+", metavar="KEY=VALUE", help="model parameters, e.g. pool=1 width=32")
     sp.add_argument("--aux", metavar="DATASET[:SPLIT]", help="auxiliary data (default: cifar100 for cifar10 and the reverse, digits:aux for digits)")
-    sp.add_argument("--epochs", type=int, help="epochs (default: the method's recipe for the dataset)")
-    sp.add_argument("--batch-size", type=int, help="batch size (default: the method's recipe for the dataset)")
+    sp.add_argument("--epochs", type=positive_int, help="epochs (default: the method's recipe for the dataset)")
+    sp.add_argument("--batch-size", type=positive_int, help="batch size (default: the method's recipe for the dataset)")
     sp.add_argument("--seed", type=seed_arg, default=0)
     sp.add_argument("--out", help="backbone file (default $POISONBENCH_HOME/backbones/<dataset>_<method>_<model>.safetensors)")
     sp.add_argument("--if-missing", action="store_true", help="do nothing when the backbone file exists")
@@ -360,16 +515,27 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # wandb's banners, run summaries and sync hints are not this command's output; it
+    # reads the variable when a run starts, so it is set before any verb runs.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # Signal handlers can only be set in the main thread (a test may call main elsewhere).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS} if main_thread else {}
     try:
         args.func(args)
     except PoisonbenchError as err:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"poisonbench: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("poisonbench: interrupted; finished jobs are kept, run again to go on", file=sys.stderr)
-        return 130
+    except (Stopped, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        print(f"poisonbench: {args.verb} stopped by {signal.Signals(signum).name}; "
+              f"{RESUME.get(args.verb, 'run the same command again to go on')}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -207,6 +207,11 @@ def test_unknown_key_error_suggests_and_lists():
     (("set: {attack: none}", "set: {train: {milestones: 5}}"), "list of integers"),
     (("set: {attack: none}", "set: {scenario: finetuning}"), "scenario .* must be one of"),
     (("trials: 2", "trials: 0"), "at least 1"),
+    (("set: {attack: none}", "set: {train: {epochs: 0}}"), r"train.epochs in .* must lie in \[1, inf\); got 0"),
+    (("set: {attack: none}", "set: {train: {lr: .nan}}"), r"train.lr in .* must lie in \(0, inf\); got nan"),
+    (("set: {attack: none}", "set: {train: {batch_size: -2}}"), r"train.batch_size in .*; got -2"),
+    (("set: {attack: none}", "set: {train: {eval_every: 0}}"), r"train.eval_every in .*; got 0"),
+    (("set: {attack: none}", "set: {train: {gamma: .inf}}"), r"train.gamma in .*; got inf"),
     (("id: demo/mini", "id: other/mini"), "must start with its paper"),
     (("    title: mini\n", ""), "no 'title'"),
 ])
@@ -327,6 +332,37 @@ def test_adhoc_config_lets_the_command_line_win():
     assert adhoc_config("paper", "shortcuts", [{"model": "vgg11"}, {"train": {"lr": 0.2}}])["train"]["lr"] == 0.2
     with pytest.raises(ConfigError, match="unknown key 'modle' in the command-line options"):
         adhoc_config("paper", "shortcuts", [{"modle": "vgg11"}])
+
+
+def test_adhoc_config_command_line_beats_the_profiles_overrides():
+    from poisonbench.bench.spec import adhoc_config
+
+    profile = load_profile("cpu").family("shortcuts")
+    attack = next(iter(profile.attack_override))
+    key = next(k for k, v in profile.attack_override[attack].items() if isinstance(v, int))
+    config = adhoc_config("cpu", "shortcuts", [{"attack": attack}, {"attack_params": {key: 12345}}])
+    assert config["attack_params"][key] == 12345
+    # Untouched keys of the profile's override stay; without a command-line value it wins.
+    assert {k: v for k, v in config["attack_params"].items() if k != key} == \
+        {k: v for k, v in profile.attack_override[attack].items() if k != key}
+    assert adhoc_config("cpu", "shortcuts", [{"attack": attack}])["attack_params"] == profile.attack_override[attack]
+    defense = next(iter(profile.defense_override))
+    config = adhoc_config("cpu", "shortcuts", [{"defense": defense, "defense_params": {"weights": "mine"}}])
+    assert config["defense_params"]["weights"] == "mine"
+
+
+def test_check_job_config_names_key_and_value():
+    from poisonbench.bench.spec import check_job_config
+
+    job = expand(load_table("demo/digits"), trials=1)[0].config
+    check_job_config(job, "job x")
+    for change, message in [({"train": {**job["train"], "epochs": "3"}}, "train.epochs in job x must be an integer"),
+                            ({"seed": -1}, r"seed in job x must lie in \[0, 4294967296\)"),
+                            ({"trial": "0"}, "trial in job x must be an integer"),
+                            ({"ratio": 2.0}, r"ratio in job x must lie in \[0, 1\]"),
+                            ({"colour": 1}, "unknown key 'colour' in job x")]:
+        with pytest.raises(ConfigError, match=message):
+            check_job_config({**job, **change}, "job x")
 
 
 def test_profile_attack_override_best_of_and_cell_sets():

@@ -45,6 +45,7 @@ from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore, cache_path
 from poisonbench.errors import ConfigError, PoisonStoreError
 from poisonbench.files import canonical_json
+from poisonbench.params import parse_params
 from poisonbench.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -91,16 +92,9 @@ class Attack:
         return devices if self.ranks != "one" else devices[:1]
 
     def params(self, overrides: dict | None = None) -> Any:
-        """The hyperparameters with ``overrides`` applied; unknown keys are an error."""
-        overrides = dict(overrides or {})
-        allowed = [f.name for f in dataclasses.fields(self.params_type)]
-        unknown = sorted(set(overrides) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown parameter {unknown[0]!r} for attack {self.name!r}; allowed: {', '.join(allowed) or 'none'}")
-        try:
-            return self.params_type(**overrides)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"bad parameters for attack {self.name!r}: {err}") from None
+        """The hyperparameters with ``overrides`` applied, checked by the shared checker
+        (unknown keys, types, each field's declared range)."""
+        return parse_params(self.params_type, overrides, f"attack {self.name!r}", "attack_params")
 
     def craft(self, imageset: ImageSet, params: dict | Any = None, seed: int = 0,
               device: DeviceSpec = "cpu") -> PoisonStore:

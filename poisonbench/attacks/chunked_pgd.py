@@ -34,6 +34,7 @@ from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
+from poisonbench.params import ranged
 
 # A chunk's objective: built once per chunk from (model, clean images, labels, number of
 # classes), then called on the (augmented) poisoned inputs with ``create_graph`` telling
@@ -47,19 +48,19 @@ class ChunkedPGDParams:
     """What every chunked-PGD attack takes; defaults from adversarial_poisons'
     ``village/options.py`` and forest's "conservative" training recipe."""
 
-    eps: float = 8 / 255  # ℓ∞ radius, pixel units (--eps 8; shortcuts Table 2)
-    steps: int = 250  # --attackiter
-    tau: float = 0.05  # step size as a fraction of eps (--tau, PGD rule)
-    restarts: int = 8  # --restarts; the best (lowest final objective) is kept
+    eps: float = ranged(8 / 255, 0, 1, low_open=True)  # ℓ∞ radius, pixel units (--eps 8; shortcuts Table 2)
+    steps: int = ranged(250, 1, None)  # --attackiter
+    tau: float = ranged(0.05, 0, None, low_open=True)  # step size as a fraction of eps (--tau, PGD rule)
+    restarts: int = ranged(8, 1, None)  # --restarts; the best (lowest final objective) is kept
     init: str = "randn"  # --init: randn (Gaussian · eps, then projected) | uniform
     augment: bool = True  # differentiable augmentation while crafting (--paugment)
-    batch_size: int = 512  # --pbatch
+    batch_size: int = ranged(512, 1, None)  # --pbatch
     model: str = "resnet18"  # crafting model (shortcuts paper, Appendix E; --net)
     model_params: dict = field(default_factory=dict)
     activation: str = "relu"  # relu | tanh (shortcuts Table 5)
-    surrogate_epochs: int = 40  # forest's "conservative" training recipe (SurrogateRecipe)
-    surrogate_lr: float = 0.1
-    surrogate_batch_size: int = 128
+    surrogate_epochs: int = ranged(40, 1, None)  # forest's "conservative" training recipe (SurrogateRecipe)
+    surrogate_lr: float = ranged(0.1, 0, None, low_open=True)
+    surrogate_batch_size: int = ranged(128, 1, None)
 
     def __post_init__(self) -> None:
         if self.init not in ("randn", "uniform"):

@@ -60,6 +60,7 @@ from poisonbench.attacks.surrogate import build_crafting_model
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 from poisonbench.errors import ConfigError
+from poisonbench.params import ranged
 
 # Unit numbers of random streams that are not one round's: the generator's initial
 # weights (round k's classifier and batch orders use unit_generator(seed, k)).
@@ -69,15 +70,15 @@ DEPTH = 4  # down-sampling steps of UNet8: the image side must be a multiple of 
 
 @dataclass(frozen=True)
 class DeepConfuseParams:
-    eps: float = 8 / 255  # ℓ∞ radius, pixel units (shortcuts Table 2; authors' --eps 0.032)
-    epochs: int = 1000  # rounds: generator copies handed to a fresh classifier (authors' --epochs)
-    cls_epochs: int = 20  # classifier passes over the data per round (authors' --clsepochs)
-    batch_size: int = 256  # authors' --batch-size
-    lr: float = 0.01  # classifier SGD and the look-ahead step (authors' --lr; no momentum)
-    lr_atk: float = 1e-4  # generator Adam (authors' --lr-atk)
+    eps: float = ranged(8 / 255, 0, 1, low_open=True)  # ℓ∞ radius, pixel units (shortcuts Table 2; authors' --eps 0.032)
+    epochs: int = ranged(1000, 1, None)  # rounds: generator copies handed to a fresh classifier (authors' --epochs)
+    cls_epochs: int = ranged(20, 1, None)  # classifier passes over the data per round (authors' --clsepochs)
+    batch_size: int = ranged(256, 1, None)  # authors' --batch-size
+    lr: float = ranged(0.01, 0, None, low_open=True)  # classifier SGD and the look-ahead step (authors' --lr; no momentum)
+    lr_atk: float = ranged(1e-4, 0, None, low_open=True)  # generator Adam (authors' --lr-atk)
     model: str = "vgg11"  # classifier (authors' create_net: VGG11)
     model_params: dict = field(default_factory=dict)
-    width: int = 64  # channels of the U-Net's first layer (pix2pix ngf)
+    width: int = ranged(64, 1, None)  # channels of the U-Net's first layer (pix2pix ngf)
 
     def __post_init__(self) -> None:
         if not 0 < self.eps <= 1:

@@ -58,23 +58,24 @@ from poisonbench.attacks.surrogate import build_crafting_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
+from poisonbench.params import ranged
 
 KINDS = ("samplewise", "classwise")
 
 
 @dataclass(frozen=True)
 class ErrorMinimizingParams:
-    eps: float = 8 / 255  # ℓ∞ radius, pixel units (Huang et al. 2021; shortcuts Table 2)
+    eps: float = ranged(8 / 255, 0, 1, low_open=True)  # ℓ∞ radius, pixel units (Huang et al. 2021; shortcuts Table 2)
     kind: str = "samplewise"  # samplewise | classwise
-    steps: int | None = None  # signed steps per round; None: 20 sample-wise, 1 class-wise (authors' README)
-    step_size: float = 0.8 / 255  # pixel units (authors' README: --step_size 0.8)
-    train_steps: int = 10  # model steps per round (authors' --train_step default)
-    stop_accuracy: float | None = None  # % on the perturbed data; None: 99 sample-wise, 90 class-wise
-    max_rounds: int = 100  # a cap the authors do not have (see the module docstring)
-    batch_size: int = 512  # authors' --train_batch_size default
-    lr: float = 0.1  # crafting model's SGD (authors' configs/cifar10/resnet18.yaml)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    steps: int | None = ranged(None, 1, None)  # signed steps per round; None: 20 sample-wise, 1 class-wise (authors' README)
+    step_size: float = ranged(0.8 / 255, 0, 1, low_open=True)  # pixel units (authors' README: --step_size 0.8)
+    train_steps: int = ranged(10, 1, None)  # model steps per round (authors' --train_step default)
+    stop_accuracy: float | None = ranged(None, 0, 100, low_open=True)  # % on the perturbed data; None: 99 sample-wise, 90 class-wise
+    max_rounds: int = ranged(100, 1, None)  # a cap the authors do not have (see the module docstring)
+    batch_size: int = ranged(512, 1, None)  # authors' --train_batch_size default
+    lr: float = ranged(0.1, 0, None, low_open=True)  # crafting model's SGD (authors' configs/cifar10/resnet18.yaml)
+    momentum: float = ranged(0.9, 0, 1, high_open=True)
+    weight_decay: float = ranged(5e-4, 0, None)
     model: str = "resnet18"  # crafting model (the shortcuts paper, Appendix E)
     model_params: dict = field(default_factory=dict)
     activation: str = "relu"  # relu | tanh (shortcuts Table 5)

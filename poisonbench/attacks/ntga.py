@@ -69,6 +69,7 @@ from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 from poisonbench.errors import ConfigError
+from poisonbench.params import ranged
 
 # Unit numbers of the random streams that are not one block's: the block partition and
 # the surrogate's weights (a block k uses unit_generator(seed, k)).
@@ -78,21 +79,21 @@ SURROGATE_STREAM = 10**6 + 1
 
 @dataclass(frozen=True)
 class NTGAParams:
-    eps: float = 8 / 255  # ℓ∞ radius, pixel units (authors' generate_attack.py for cifar10)
-    t: float | None = 8.0  # training time of the predictor; None = ∞ (see the module docstring)
-    nb_iter: int = 10  # ascent steps per block (authors' --nb_iter)
-    eps_iter: float | None = None  # step size, pixel units; None: 1.1·eps/nb_iter (generate_attack.py)
-    block_size: int = 512  # images per block (authors' --block_size)
-    val_size: int = 10_000  # clean validation images per block (authors' --val_size)
-    diag_reg: float = 1e-4  # relative ridge on Θ_BB (authors' model_fn/adv_loss diag_reg)
-    width: int = 64  # channels of both convolutions (authors' ConvGroup(2, 64, ...))
-    dense1: int = 384  # the two linear layers after the convolutions (authors' surrogate_fn)
-    dense2: int = 192
-    kernel_size: int = 5  # authors' ConvBlock filter_shape (5, 5)
-    stride: int = 2  # authors' ConvGroup stride (2, 2) for MNIST/CIFAR-10
-    w_std: float = math.sqrt(1.76)  # authors' W_std (NTK parameterisation)
-    b_std: float = math.sqrt(0.18)  # authors' b_std
-    chunk: int = 256  # images per Jacobian piece: memory only (the result changes by float rounding)
+    eps: float = ranged(8 / 255, 0, 1, low_open=True)  # ℓ∞ radius, pixel units (authors' generate_attack.py for cifar10)
+    t: float | None = ranged(8.0, 0, None, low_open=True)  # training time of the predictor; None = ∞ (see the module docstring)
+    nb_iter: int = ranged(10, 1, None)  # ascent steps per block (authors' --nb_iter)
+    eps_iter: float | None = ranged(None, 0, 1, low_open=True)  # step size, pixel units; None: 1.1·eps/nb_iter (generate_attack.py)
+    block_size: int = ranged(512, 1, None)  # images per block (authors' --block_size)
+    val_size: int = ranged(10_000, 1, None)  # clean validation images per block (authors' --val_size)
+    diag_reg: float = ranged(1e-4, 0, None)  # relative ridge on Θ_BB (authors' model_fn/adv_loss diag_reg)
+    width: int = ranged(64, 1, None)  # channels of both convolutions (authors' ConvGroup(2, 64, ...))
+    dense1: int = ranged(384, 1, None)  # the two linear layers after the convolutions (authors' surrogate_fn)
+    dense2: int = ranged(192, 1, None)
+    kernel_size: int = ranged(5, 1, None)  # authors' ConvBlock filter_shape (5, 5)
+    stride: int = ranged(2, 1, None)  # authors' ConvGroup stride (2, 2) for MNIST/CIFAR-10
+    w_std: float = ranged(math.sqrt(1.76), 0, None, low_open=True)  # authors' W_std (NTK parameterisation)
+    b_std: float = ranged(math.sqrt(0.18), 0, None)  # authors' b_std
+    chunk: int = ranged(256, 1, None)  # images per Jacobian piece: memory only (the result changes by float rounding)
 
     def __post_init__(self) -> None:
         if not 0 < self.eps <= 1:

@@ -14,13 +14,14 @@ from poisonbench.attacks.base import params_dict, register_attack
 from poisonbench.attacks.quantize import add_levels
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
+from poisonbench.params import ranged
 
 KINDS = ("samplewise", "classwise")
 
 
 @dataclass(frozen=True)
 class RandomNoiseParams:
-    eps: float = 8 / 255  # ℓ∞ radius in pixel units (shortcuts Table 2 budget)
+    eps: float = ranged(8 / 255, 0, 1)  # ℓ∞ radius in pixel units (shortcuts Table 2 budget)
     kind: str = "samplewise"  # samplewise | classwise
 
     def __post_init__(self) -> None:

@@ -29,13 +29,14 @@ from poisonbench.attacks.quantize import add_levels, round_l2
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 from poisonbench.errors import ConfigError
+from poisonbench.params import ranged
 
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    eps: float = 6 / 255  # ε' in pixel units; ℓ2 radius = sqrt(3·H·W)·ε' (§3.2)
-    patch: int = 8  # p of Algorithm 1 (§3.2: "The patch size ... is set as 8"); 1 = Algorithm 2 alone
-    class_sep: float = 10.0  # hypercube half side; the authors' code uses 10
+    eps: float = ranged(6 / 255, 0, 1, low_open=True)  # ε' in pixel units; ℓ2 radius = sqrt(3·H·W)·ε' (§3.2)
+    patch: int = ranged(8, 1, None)  # p of Algorithm 1 (§3.2: "The patch size ... is set as 8"); 1 = Algorithm 2 alone
+    class_sep: float = ranged(10.0, 0, None, low_open=True)  # hypercube half side; the authors' code uses 10
 
     def __post_init__(self) -> None:
         if not 0 < self.eps <= 1:

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import poisonbench
 from poisonbench.config import check_keys, deep_merge, describe, load_yaml
 from poisonbench.errors import ConfigError
+from poisonbench.params import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range, check_number
 from poisonbench.registry import Registry
 
 # The resolved job config without its per-job fields (table, row, column, trial, seeds,
@@ -84,6 +85,13 @@ _TRAIN_TYPES: dict[str, Any] = {
     "nesterov": bool, "weight_decay": float, "milestones": "ints", "gamma": float,
     "accelerator": str, "devices": (int, str, list), "strategy": str,
     "precision": (str, int), "eval_every": int,
+}
+# The range of every numeric train value (of milestones: each element); devices may also
+# be a string ("auto") or a list of GPU ids, which are left to Lightning.
+_TRAIN_RANGES: dict[str, Range] = {
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE, "momentum": Range(0, 1, high_open=True),
+    "weight_decay": NON_NEGATIVE, "milestones": NON_NEGATIVE, "gamma": POSITIVE, "devices": AT_LEAST_1,
+    "eval_every": AT_LEAST_1,
 }
 _PARAMS_OF = {"model": "model_params", "attack": "attack_params", "defense": "defense_params",
               "task": "task_params"}
@@ -191,15 +199,21 @@ def _check_set(mapping: Any, where: str) -> dict[str, Any]:
         )
     if "task" in checked and checked["task"] not in TASKS:
         raise ConfigError(f"task in {where} must be one of {', '.join(TASKS)}; got {checked['task']!r}")
-    if "ratio" in checked and not 0.0 <= checked["ratio"] <= 1.0:
-        raise ConfigError(f"ratio in {where} must lie in [0, 1]; got {checked['ratio']}")
+    if "ratio" in checked:
+        check_number(checked["ratio"], float, Range(0, 1), f"ratio in {where}")
     return checked
 
 
 def _check_train(mapping: Any, owner: str) -> dict[str, Any]:
     """Validate the ``train`` mapping of ``owner`` (e.g. "table x row 'y' set")."""
     check_keys(mapping, TRAIN_DEFAULTS, f"{owner} train")
-    return {k: _check_value(v, _TRAIN_TYPES[k], f"train.{k} in {owner}") for k, v in mapping.items()}
+    checked = {k: _check_value(v, _TRAIN_TYPES[k], f"train.{k} in {owner}") for k, v in mapping.items()}
+    for key, value in checked.items():
+        bounds = _TRAIN_RANGES.get(key)
+        for item in value if key == "milestones" else [value]:  # devices: [0, 1] are GPU ids
+            if bounds is not None and isinstance(item, (int, float)) and not isinstance(item, bool):
+                check_number(item, float, bounds, f"train.{key} in {owner}")
+    return checked
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -305,7 +319,8 @@ def load_profile(name: str) -> Profile:
         defense_override = _mapping(fam.get("defense_override"), f"defense_override in {fwhere}")
         families[paper] = Family(
             train=_check_train(fam.get("train") or {}, fwhere),
-            lr_by_model={m: _check_value(lr, float, f"lr_by_model.{m} in {fwhere}")
+            lr_by_model={m: check_number(_check_value(lr, float, f"lr_by_model.{m} in {fwhere}"), float,
+                                         POSITIVE, f"lr_by_model.{m} in {fwhere}")
                          for m, lr in lr_by_model.items()},
             override=_check_set(fam.get("override") or {}, f"{fwhere} override"),
             attack_override={a: dict(_mapping(p, f"attack_override.{a} in {fwhere}"))
@@ -412,18 +427,53 @@ class TableSpec:
 def adhoc_config(profile: str, family: str, layers: list[Mapping[str, Any]]) -> dict[str, Any]:
     """A config outside any table (``poisonbench train``), without per-job fields.
 
-    built-in DEFAULTS ⊕ family ``train`` ⊕ family ``override`` ⊕ ``layers`` in order:
-    what the command line says explicitly wins over the profile's override, and
-    ``lr_by_model`` applies unless a layer sets ``train.lr`` itself.
+    built-in DEFAULTS ⊕ family ``train`` ⊕ family ``override`` ⊕ ``layers`` in order,
+    then the profile's last word (``attack_override``, ``defense_override``,
+    ``lr_by_model``) except where a layer said otherwise: what the command line says
+    explicitly wins, always (in a table the profile's overrides come last instead).
     """
     fam = load_profile(profile).family(family)
     config = _lay(_lay(DEFAULTS, {"train": fam.train}), fam.override)
-    explicit_lr = False
+    explicit: dict[str, Any] = {}
     for layer in layers:
         layer = _check_set(layer, "the command-line options")
-        explicit_lr = explicit_lr or "lr" in layer.get("train", {})
         config = _lay(config, layer)
-    return fam.finish(config, explicit_lr)
+        explicit = _lay(explicit, layer)
+    config = fam.finish(config, explicit_lr="lr" in explicit.get("train", {}))
+    for key in ("attack_params", "defense_params"):
+        if explicit.get(key):
+            config[key] = deep_merge(config.get(key) or {}, explicit[key])
+    return config
+
+
+# The per-job fields of a job config (bench/jobs.py, cli.py train), beside DEFAULTS' keys.
+_JOB_FIELDS: dict[str, tuple[type, ...]] = {
+    "table": (str,), "row": (str,), "column": (str,), "trial": (int,), "seed": (int,),
+    "poison_seed": (int,), "profile": (str, type(None)), "fast_dev_run": (bool,),
+    "store_sha256": (str, type(None)),
+}
+
+
+def check_job_config(config: Any, where: str) -> None:
+    """Raise ``ConfigError`` unless ``config`` is a whole job config (``where`` names it, e.g.
+    its config.yaml): every key known, every value of its type and in its range."""
+    check_keys(config, [*DEFAULTS, *_JOB_FIELDS], where)
+    missing = [k for k in ("dataset", "model", "attack", "train", "seed") if k not in config]
+    if missing:
+        raise ConfigError(f"{where} has no {missing[0]!r}; it is required")
+    _check_set({k: v for k, v in config.items() if k in DEFAULTS}, where)
+    for key, kinds in _JOB_FIELDS.items():
+        if key not in config:
+            continue
+        value = config[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ConfigError(f"{key} in {where} must be {' or '.join(_KIND_NAMES[k] for k in kinds)}; "
+                              f"got {describe(value)}")
+        if key in ("seed", "poison_seed", "trial"):
+            check_number(value, int, Range(0, 2**32, high_open=True), f"{key} in {where}")
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "null"}
 
 
 def load_table(id_or_path: str | os.PathLike) -> TableSpec:

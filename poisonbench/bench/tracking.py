@@ -21,11 +21,15 @@ def wandb_logger(config: dict, job_dir: Path, job_type: str = "train"):
     from lightning.pytorch.loggers import WandbLogger
 
     name = f"{config.get('row')}/{config.get('column')}/trial{config.get('trial')}"
-    return WandbLogger(
+    logger = WandbLogger(
         project=os.environ.get("WANDB_PROJECT", PROJECT), save_dir=str(job_dir),
         id=Path(job_dir).name, name=name, group=config.get("table"), job_type=job_type,
         config=config, mode=_mode(),
     )
+    # Lightning always hands wandb.init an `anonymous` (None by default), which wandb
+    # warns about on every run as a deprecated setting; leaving it out changes nothing else.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def log_craft(config: dict, job_dir: Path, summary: dict) -> None:

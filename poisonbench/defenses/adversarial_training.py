@@ -42,19 +42,20 @@ import torch.nn.functional as F
 
 from poisonbench.defenses.base import Defense, register_defense
 from poisonbench.models.classifier import ImageClassifier
+from poisonbench.params import ranged
 
 METHODS = ("fgsm", "pgd")
 
 
 @dataclass(frozen=True)
 class AdversarialTrainingParams:
-    eps: float = 8 / 255  # ℓ∞ radius in pixel units; the shortcuts paper's largest of {2, 4, 8}/255 (§4)
+    eps: float = ranged(8 / 255, 0, 1, low_open=True)  # ℓ∞ radius in pixel units; the shortcuts paper's largest of {2, 4, 8}/255 (§4)
     method: str = "fgsm"  # fgsm (Goodfellow et al., 2014; shortcuts §4) | pgd (Madry et al., 2018)
     # None: fgsm 1, pgd 7 (Madry et al., 2018, CIFAR-10).
-    steps: int | None = None
+    steps: int | None = ranged(None, 1, None)
     # None: fgsm ε (Goodfellow et al.), or 1.25·ε with a random start (Wong et al., 2020);
     # pgd ε/4 (Madry et al.: 2/255 at 8/255).
-    step_size: float | None = None
+    step_size: float | None = ranged(None, 0, 1, low_open=True)
     # None: fgsm False (Goodfellow et al.), pgd True (Madry et al.).
     random_start: bool | None = None
 

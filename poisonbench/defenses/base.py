@@ -30,7 +30,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
-from poisonbench.errors import ConfigError
+from poisonbench.params import parse_params
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.registry import Registry
 
@@ -52,24 +52,9 @@ class Defense:
 
     @classmethod
     def parse_params(cls, overrides: Mapping | None = None) -> Any:
-        """The hyperparameters with ``overrides`` applied; unknown or missing keys are an error."""
-        if overrides is not None and not isinstance(overrides, Mapping):
-            raise ConfigError(f"defense_params of defense {cls.name!r} must be a mapping; got {overrides!r}")
-        overrides = dict(overrides or {})
-        fields = dataclasses.fields(cls.params_type)
-        allowed = [f.name for f in fields]
-        unknown = sorted(set(overrides) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown parameter {unknown[0]!r} for defense {cls.name!r}; "
-                              f"allowed: {', '.join(allowed) or 'none'}")
-        required = [f.name for f in fields if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING and f.name not in overrides]
-        if required:
-            raise ConfigError(f"defense {cls.name!r} needs parameter {required[0]!r} in defense_params")
-        try:
-            return cls.params_type(**overrides)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"bad parameters for defense {cls.name!r}: {err}") from None
+        """The hyperparameters with ``overrides`` applied, checked by the shared checker
+        (unknown and missing keys, types, each field's declared range)."""
+        return parse_params(cls.params_type, overrides, f"defense {cls.name!r}", "defense_params")
 
     def describe(self) -> dict:
         """What ``result.json`` records: name, version and the full parameters."""

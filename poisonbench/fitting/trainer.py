@@ -15,12 +15,14 @@ import torch
 
 
 def quiet_lightning() -> None:
-    """Keep the runner's progress readable: no banners, tips or notices that a freshly
-    prepared job directory is not empty or that an epoch is short."""
+    """Keep the console to progress and results: no banners, tips (litlogger), notices
+    that a freshly prepared job directory is not empty or that an epoch is short, no
+    deprecations inside Lightning (wandb's own chatter: WANDB_SILENT, set by the CLI)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     for pattern in (".*smaller than the logging interval.*", ".*exists and is not empty.*",
-                    ".*overridden `on_after_batch_transfer`.*", ".*LeafSpec.*is deprecated.*"):
+                    ".*overridden `on_after_batch_transfer`.*", ".*LeafSpec.*is deprecated.*",
+                    ".*litlogger.*", ".*anonymous.*"):
         warnings.filterwarnings("ignore", pattern)
 
 
@@ -34,6 +36,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def build_trainer(train: dict, job_dir: Path | None, *, fast_dev_run: bool = False,
                   extra_loggers: list | None = None, progress_bar: bool = False) -> L.Trainer:
     """``job_dir/metrics.csv`` (CSVLogger) when there is a job directory, plus ``extra_loggers``."""
+    quiet_lightning()  # also with a progress bar: the bar, not third-party notices
     accelerator = str(train.get("accelerator", "auto"))
     loggers = list(extra_loggers or [])
     if job_dir is not None:

@@ -37,12 +37,19 @@ def build_model(name: str, num_classes: int, **params: Any) -> ImageClassifier:
     Raises ``UnknownNameError`` for an unknown name and ``ConfigError`` for an unknown
     or missing parameter.
     """
+    name, params = check_model(name, params)
+    return MODELS.get(name)(num_classes, **params)
+
+
+def check_model(name: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registry name and parameters ``build_model`` passes to the factory, checked
+    without building anything (so a plan can check every row up front)."""
     if isinstance(name, str) and name.startswith(TIMM_PREFIX):
         arch = name[len(TIMM_PREFIX):]
         if "arch" in params and params["arch"] != arch:
             raise ConfigError(f"model {name!r} names arch {arch!r} but its parameters say arch {params['arch']!r}")
         name, params = "timm", {**params, "arch": arch}
-    factory = MODELS.get(name)
+    MODELS.get(name)
     allowed = model_parameters(name)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
@@ -51,4 +58,4 @@ def build_model(name: str, num_classes: int, **params: Any) -> ImageClassifier:
     missing = [p for p, spec in allowed.items() if spec.default is inspect.Parameter.empty and p not in params]
     if missing:
         raise ConfigError(f"model {name!r} needs parameter {', '.join(map(repr, missing))}")
-    return factory(num_classes, **params)
+    return name, params
