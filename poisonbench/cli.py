@@ -19,7 +19,7 @@ import yaml
 
 from poisonbench import __version__
 from poisonbench.errors import ConfigError, PoisonbenchError
-from poisonbench.bench.spec import SCENARIOS
+from poisonbench.schema.job_config import SCENARIOS
 
 EXIT_BAD_INPUT = 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -162,7 +162,7 @@ def console():
 # ----------------------------------------------------------------------- verbs
 def cmd_list(args) -> None:
     from poisonbench.attacks import ATTACKS
-    from poisonbench.bench.spec import profile_names, suite_names, table_ids
+    from poisonbench.bench.catalogue import profile_names, suite_names, table_ids
     from poisonbench.data import DATASETS
     from poisonbench.defenses import DEFENSES
     from poisonbench.models import MODELS
@@ -243,7 +243,7 @@ def cmd_craft(args) -> None:
 
 def cmd_train(args) -> None:
     from poisonbench.bench.jobs import derive_seed, job_hash, runs_root
-    from poisonbench.bench.spec import adhoc_config
+    from poisonbench.bench.profiles import adhoc_config
     from poisonbench.resolve import check_job
     from poisonbench.training.job import prepare_dir, run_job
 
@@ -359,7 +359,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_job(args) -> None:
-    from poisonbench.bench.spec import check_job_config
+    from poisonbench.schema.job_config import check_job_config
     from poisonbench.resolve import check_job
     from poisonbench.training.job import CONFIG_FILE, load_config, run_job_dir
 

@@ -1,4 +1,4 @@
-"""YAML loading, deep merge and strict key checks: the three tools every config reader uses.
+"""YAML loading, deep merge, strict key checks and typed values: the tools every config reader uses.
 
 Table specs, profiles, suites and job configs are plain YAML mappings. A typo in a key
 must fail loudly rather than silently fall back to a default, so every reader checks
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -104,3 +105,66 @@ def describe(value: Any) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
+
+
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def check_value(value: Any, expected: Any, where: str) -> Any:
+    """``value`` if it has the expected type (ints widened to floats), else ConfigError."""
+    if expected == "ints":
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ConfigError(f"{where} must be a list of integers; got {describe(value)}")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        hint = ""
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+            # PyYAML reads 5e-4 as text; 5.0e-4 is a number.
+            hint = " (YAML reads a number like 5e-4 as text: write 5.0e-4 or 0.0005)"
+        raise ConfigError(f"{where} must be a number; got {describe(value)}{hint}")
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        names = " or ".join({"str": "a string", "int": "an integer", "dict": "a mapping",
+                             "bool": "true or false", "list": "a list"}[t.__name__] for t in types)
+        raise ConfigError(f"{where} must be {names}; got {describe(value)}")
+    return value
+
+def mapping(value: Any, where: str) -> dict[str, Any]:
+    """``value`` (null reads as empty) if it is a mapping, else ConfigError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping; got {describe(value)}")
+    return value
+
+def checked_name(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str) or not NAME.match(value):
+        raise ConfigError(
+            f"{what} in {where} must be a name of letters, digits, '_', '.', '+' or '-'; "
+            f"got {describe(value)}"
+        )
+    return value
+
+def required(data: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise ConfigError(f"{where} has no {key!r}; it is required")
+    return data[key]
+
+def number_or_none(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    return check_value(value, float, where)
+
+
+def unique_ids(ids: list[str], what: str, where: str) -> None:
+    seen = set()
+    for i in ids:
+        if i in seen:
+            raise ConfigError(f"{what} id {i!r} appears twice in {where}; {what} ids must be unique")
+        seen.add(i)

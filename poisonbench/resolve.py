@@ -1,6 +1,6 @@
 """A job config checked against the registries before any work starts.
 
-``bench.spec`` checks keys, types and ranges of a config from YAML alone; this module
+``schema.job_config`` checks keys, types and ranges of a config from YAML alone; this module
 adds what only the registries know: that the dataset, model, attack and defense
 exist and that their parameters (and an analysis task's) are accepted (types and declared ranges, through the
 shared checker of ``poisonbench.params``). ``run`` checks every job of its plan, so a

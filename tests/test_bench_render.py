@@ -17,7 +17,8 @@ from poisonbench import files
 from poisonbench.bench.aggregate import TableState, aggregate, mean_sem, table_state
 from poisonbench.bench.jobs import expand, read_results
 from poisonbench.bench.render import render_all, render_index, render_table
-from poisonbench.bench.spec import Catalogue, CatalogueEntry, load_table
+from poisonbench.bench.catalogue import Catalogue, CatalogueEntry
+from poisonbench.bench.tables import load_table
 
 GOLDEN = Path(__file__).parent / "golden"
 

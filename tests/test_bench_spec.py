@@ -13,9 +13,10 @@ from poisonbench.bench import jobs as jobs_mod
 from poisonbench.bench.jobs import (
     RESULT_FORMAT_VERSION, derive_seed, expand, job_hash, job_state, read_result, read_results,
 )
-from poisonbench.bench.spec import (
-    DEFAULTS, load_catalogue, load_profile, load_suite, load_table, profile_names, table_ids,
-)
+from poisonbench.bench.catalogue import load_catalogue, load_suite, profile_names, table_ids
+from poisonbench.bench.profiles import load_profile
+from poisonbench.bench.tables import load_table
+from poisonbench.schema.job_config import DEFAULTS
 from poisonbench.bench.aggregate import aggregate
 from poisonbench.errors import ConfigError, JobError, UnknownNameError
 
@@ -322,7 +323,7 @@ def test_bench_modules_do_not_import_training_code():
 
 
 def test_adhoc_config_lets_the_command_line_win():
-    from poisonbench.bench.spec import adhoc_config
+    from poisonbench.bench.profiles import adhoc_config
 
     config = adhoc_config("cpu", "shortcuts", [{"dataset": "cifar10", "model": "vgg11"}, {}])
     epochs = load_profile("cpu").family("shortcuts").train["epochs"]
@@ -335,7 +336,7 @@ def test_adhoc_config_lets_the_command_line_win():
 
 
 def test_adhoc_config_command_line_beats_the_profiles_overrides():
-    from poisonbench.bench.spec import adhoc_config
+    from poisonbench.bench.profiles import adhoc_config
 
     profile = load_profile("cpu").family("shortcuts")
     attack = next(iter(profile.attack_override))
@@ -352,7 +353,7 @@ def test_adhoc_config_command_line_beats_the_profiles_overrides():
 
 
 def test_check_job_config_names_key_and_value():
-    from poisonbench.bench.spec import check_job_config
+    from poisonbench.schema.job_config import check_job_config
 
     job = expand(load_table("demo/digits"), trials=1)[0].config
     check_job_config(job, "job x")

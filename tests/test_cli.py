@@ -90,7 +90,7 @@ def test_list_and_dry_run(capsys):
 
 def test_incompatible_job_directory(capsys, tmp_path):
     from poisonbench.bench.jobs import expand, runs_root
-    from poisonbench.bench.spec import load_table
+    from poisonbench.bench.tables import load_table
 
     job = expand(load_table("demo/digits"), trials=1)[0]
     job_dir = job.dir(runs_root())

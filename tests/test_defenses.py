@@ -29,7 +29,7 @@ def _config(**layers) -> dict:
     profile's defense_override would replace the test's weights file."""
     import copy
 
-    from poisonbench.bench.spec import DEFAULTS
+    from poisonbench.schema.job_config import DEFAULTS
 
     config = copy.deepcopy(DEFAULTS)
     config.update(dataset="digits", model="small_cnn", model_params={"pool": 1})

@@ -142,7 +142,7 @@ def test_output_paths_are_checked_first(capsys, tmp_path):
 
 def test_job_config_with_a_bad_type(capsys, tmp_path):
     from poisonbench.bench.jobs import expand
-    from poisonbench.bench.spec import load_table
+    from poisonbench.bench.tables import load_table
 
     config = expand(load_table("demo/digits"), trials=1, fast_dev_run=True)[0].config
     config["train"]["epochs"] = "many"

@@ -12,7 +12,7 @@ import pytest
 
 from poisonbench.bench import runner
 from poisonbench.bench.jobs import job_state, runs_root
-from poisonbench.bench.spec import load_table
+from poisonbench.bench.tables import load_table
 from poisonbench.cli import main
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from poisonbench.bench.jobs import Job
-from poisonbench.bench.spec import TableSpec
+from poisonbench.bench.tables import TableSpec
 from poisonbench.errors import JobError
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from poisonbench import files
-from poisonbench.bench.spec import TableSpec
+from poisonbench.bench.tables import TableSpec
 from poisonbench.errors import ConfigError, JobError
 
 RESULT_FORMAT_VERSION = 1

@@ -20,7 +20,8 @@ from poisonbench.bench.aggregate import aggregate, table_state
 from poisonbench.bench.executors import EXECUTORS
 from poisonbench.bench.jobs import Job, expand, job_state, read_results, runs_root
 from poisonbench.bench.render import render_all, render_table
-from poisonbench.bench.spec import TableSpec, load_suite, load_table
+from poisonbench.bench.catalogue import load_suite
+from poisonbench.bench.tables import TableSpec, load_table
 from poisonbench.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent.parent

@@ -27,7 +27,7 @@ from poisonbench import provenance
 from poisonbench.attacks import ATTACKS, craft_cached
 from poisonbench.attacks.base import check_declared, craft_cost
 from poisonbench.bench.jobs import CONFIG_FILE, RESULT_FILE, RESULT_FORMAT_VERSION
-from poisonbench.bench.spec import SCENARIOS
+from poisonbench.schema.job_config import SCENARIOS
 from poisonbench.data import load_imageset
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.module import PoisonedDataModule

@@ -61,7 +61,7 @@ def render(out_dir: Path) -> Path:
     from poisonbench.bench.aggregate import aggregate
     from poisonbench.bench.jobs import expand, read_results
     from poisonbench.bench.render import render_table
-    from poisonbench.bench.spec import load_table
+    from poisonbench.bench.tables import load_table
 
     spec = load_table(TABLE)
     jobs = expand(spec, trials=TRIALS)
@@ -73,7 +73,7 @@ def main() -> None:
     os.environ["POISONBENCH_CONFIGS"] = str(CONFIGS)
     from poisonbench import files
     from poisonbench.bench.jobs import expand
-    from poisonbench.bench.spec import load_table
+    from poisonbench.bench.tables import load_table
 
     shutil.rmtree(RUNS / TABLE, ignore_errors=True)
     for job in expand(load_table(TABLE), trials=TRIALS):

@@ -1,0 +1,265 @@
+"""Table specs: rows, optional columns and the paper's reference value per cell
+(``configs/tables/<paper>/<table>.yaml``; formats: ``docs/architecture.md``).
+
+A cell's config is built from layers, later ones winning:
+
+    built-in DEFAULTS ⊕ profile family ``train`` ⊕ table ``defaults`` ⊕ column ``set``
+    ⊕ row ``set`` ⊕ row ``cells.<column>`` ⊕ profile ``override``; then the profile's
+    ``attack_override``, ``defense_override`` and ``lr_by_model``.
+
+Mappings merge key by key, except that a layer which changes ``model``, ``attack`` or
+``defense`` starts the matching ``*_params`` afresh: parameters belong to the name
+they were written for (``poisonbench.schema.job_config.merge_layer``). Every key is
+checked against the job-config schema. This module only reads YAML.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from poisonbench.bench.catalogue import configs_dir, lookup, table_files
+from poisonbench.bench.profiles import load_profile
+from poisonbench.config import (check_keys, check_value, checked_name, describe, load_yaml, mapping,
+                                number_or_none, required, unique_ids)
+from poisonbench.errors import ConfigError
+from poisonbench.schema.job_config import DEFAULTS, check_set, merge_layer
+
+KINDS = ("table", "curves", "figure")
+POISON_SEEDS = ("fixed", "per_trial")
+NO_COLUMN = "value"  # the one column of a table without ``columns``
+
+_TABLE_KEYS = (
+    "id", "paper", "title", "notes", "metric", "metric_name", "higher_is_better", "kind",
+    "profile", "trials", "poison_seed", "defaults", "columns", "rows",
+)
+_ROW_KEYS = ("id", "name", "notes", "set", "reference", "cells")
+_COLUMN_KEYS = ("id", "name", "notes", "set", "best_of")
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    id: str
+    name: str
+    set: Mapping[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    # A derived column without jobs of its own: the best (by the table's direction) of
+    # these columns' means, naming which (shortcuts Table 4: best of three FGSM budgets).
+    best_of: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    id: str
+    name: str
+    set: Mapping[str, Any] = field(default_factory=dict)
+    reference: Mapping[str, float | None] = field(default_factory=dict)  # column id -> paper value
+    notes: str = ""
+    # column id -> a set applied after the row's own, for what only one cell needs
+    # (shortcuts Table 7: synthetic's ε' is 12 and 24 where the others' ε is 16 and 32).
+    cells: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (row, column) of a table with its resolved config (no per-job fields)."""
+
+    table: str
+    row: str
+    column: str
+    row_name: str
+    column_name: str
+    reference: float | None
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    id: str  # "<paper>/<table>"
+    paper: str  # profile family
+    title: str
+    metric: str  # key of result.json "metrics" (and of "curves" for kind curves)
+    metric_name: str
+    higher_is_better: bool
+    kind: str  # table | curves
+    profile: str
+    trials: int
+    poison_seed: str  # fixed | per_trial
+    defaults: Mapping[str, Any]
+    columns: tuple[ColumnSpec, ...]
+    rows: tuple[RowSpec, ...]
+    notes: str = ""
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """The table part of the id: ``table3`` of ``shortcuts/table3``."""
+        return self.id.split("/", 1)[1]
+
+    @property
+    def row_ids(self) -> list[str]:
+        return [r.id for r in self.rows]
+
+    @property
+    def column_ids(self) -> list[str]:
+        return [c.id for c in self.columns]
+
+    def cells(self, profile: str | None = None) -> list[Cell]:
+        """Every (row, column) in spec order, configs resolved under ``profile``
+        (default: the spec's own)."""
+        family = load_profile(profile or self.profile).family(self.paper)
+        base = merge_layer(DEFAULTS, {"train": family.train})
+        base = merge_layer(base, self.defaults)
+        cells = []
+        for row in self.rows:
+            for column in self.columns:
+                if column.best_of:
+                    continue
+                cell_set = row.cells.get(column.id, {})
+                config = merge_layer(merge_layer(merge_layer(merge_layer(base, column.set), row.set), cell_set), family.override)
+                explicit_lr = any("lr" in (layer.get("train") or {})
+                                  for layer in (self.defaults, column.set, row.set, cell_set))
+                config = family.finish(config, explicit_lr)
+                cells.append(Cell(
+                    table=self.id, row=row.id, column=column.id, row_name=row.name,
+                    column_name=column.name, reference=row.reference.get(column.id), config=config,
+                ))
+        return cells
+
+
+def load_table(id_or_path: str | os.PathLike) -> TableSpec:
+    """A table spec by id (``shortcuts/table3``) or by the path of a ``.yaml`` file."""
+    text = os.fspath(id_or_path)
+    if text.endswith((".yaml", ".yml")):
+        path = Path(text)
+        expected = _id_from_location(path)
+    else:
+        path = lookup("table", text, table_files())
+        expected = text
+    return _parse_table(load_yaml(path), path, expected)
+
+
+def _id_from_location(path: Path) -> str | None:
+    """``paper/table`` when ``path`` lies in the configs' tables folder, else None."""
+    tables = (configs_dir() / "tables").resolve()
+    full = path.resolve()
+    if full.parent.parent == tables:
+        return f"{full.parent.name}/{full.stem}"
+    return None
+
+
+def _parse_table(data: dict[str, Any], path: Path, expected: str | None) -> TableSpec:
+    where = f"table spec {path}"
+    check_keys(data, _TABLE_KEYS, where)
+    table_id = required(data, "id", where)
+    if not isinstance(table_id, str) or table_id.count("/") != 1:
+        raise ConfigError(f"id in {where} must look like '<paper>/<table>'; got {describe(table_id)}")
+    if expected is not None and table_id != expected:
+        raise ConfigError(f"{where} declares id {table_id!r}; expected {expected!r} from its path")
+    paper = checked_name(required(data, "paper", where), "paper", where)
+    checked_name(table_id.split("/")[1], "table name", where)
+    if table_id.split("/")[0] != paper:
+        raise ConfigError(f"id {table_id!r} in {where} must start with its paper {paper + '/'!r}")
+    where = f"table {table_id}"
+
+    title = check_value(required(data, "title", where), str, f"title in {where}")
+    metric = check_value(data.get("metric", "test_acc"), str, f"metric in {where}")
+    kind = data.get("kind", "table")
+    if kind not in KINDS:
+        raise ConfigError(f"kind in {where} must be one of {', '.join(KINDS)}; got {describe(kind)}")
+    poison_seed = data.get("poison_seed", "fixed")
+    if poison_seed not in POISON_SEEDS:
+        raise ConfigError(
+            f"poison_seed in {where} must be one of {', '.join(POISON_SEEDS)}; got {describe(poison_seed)}"
+        )
+    trials = check_value(data.get("trials", 20), int, f"trials in {where}")
+    if trials < 1:
+        raise ConfigError(f"trials in {where} must be at least 1; got {trials}")
+
+    columns = _parse_columns(data.get("columns"), where)
+    column_ids = [c.id for c in columns]
+    rows_data = required(data, "rows", where)
+    if not isinstance(rows_data, list) or not rows_data:
+        raise ConfigError(f"rows in {where} must be a non-empty list; got {describe(rows_data)}")
+    rows = []
+    for i, row in enumerate(rows_data):
+        rows.append(_parse_row(row, i, where, column_ids, has_columns=data.get("columns") is not None))
+    unique_ids([r.id for r in rows], "row", where)
+
+    return TableSpec(
+        id=table_id, paper=paper, title=title, metric=metric,
+        metric_name=check_value(data.get("metric_name", metric), str, f"metric_name in {where}"),
+        higher_is_better=check_value(data.get("higher_is_better", True), bool, f"higher_is_better in {where}"),
+        kind=kind,
+        profile=checked_name(data.get("profile", "paper"), "profile", where),
+        trials=trials, poison_seed=poison_seed,
+        defaults=check_set(data.get("defaults") or {}, f"{where} defaults"),
+        columns=tuple(columns), rows=tuple(rows),
+        notes=check_value(data.get("notes", ""), str, f"notes in {where}"),
+        path=path,
+    )
+
+
+def _parse_columns(data: Any, where: str) -> list[ColumnSpec]:
+    if data is None:
+        return [ColumnSpec(id=NO_COLUMN, name=NO_COLUMN)]
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"columns in {where} must be a non-empty list; got {describe(data)}")
+    columns = []
+    for i, col in enumerate(data):
+        cwhere = f"{where} column {i + 1}"
+        check_keys(col, _COLUMN_KEYS, cwhere)
+        cid = checked_name(required(col, "id", cwhere), "id", cwhere)
+        cwhere = f"{where} column {cid!r}"
+        columns.append(ColumnSpec(
+            id=cid,
+            name=check_value(col.get("name", cid), str, f"name in {cwhere}"),
+            set=check_set(col.get("set") or {}, f"{cwhere} set"),
+            notes=check_value(col.get("notes", ""), str, f"notes in {cwhere}"),
+            best_of=tuple(check_value(col.get("best_of", []), list, f"best_of in {cwhere}")),
+        ))
+    ids = [c.id for c in columns]
+    unique_ids(ids, "column", where)
+    for col in columns:
+        for member in col.best_of:
+            if member not in ids or dict((c.id, c) for c in columns)[member].best_of:
+                raise ConfigError(f"best_of of column {col.id!r} in {where} names {member!r}, "
+                                  f"which is not a column with jobs; columns: {', '.join(ids)}")
+    return columns
+
+
+def _parse_row(row: Any, index: int, where: str, column_ids: list[str], has_columns: bool) -> RowSpec:
+    rwhere = f"{where} row {index + 1}"
+    check_keys(row, _ROW_KEYS, rwhere)
+    rid = checked_name(required(row, "id", rwhere), "id", rwhere)
+    rwhere = f"{where} row {rid!r}"
+    ref = row.get("reference")
+    if ref is None:
+        reference = {}
+    elif isinstance(ref, dict):
+        unknown = [k for k in ref if k not in column_ids]
+        if unknown:
+            raise ConfigError(
+                f"reference in {rwhere} names column {unknown[0]!r}; columns: {', '.join(column_ids)}"
+            )
+        reference = {k: number_or_none(v, f"reference.{k} in {rwhere}") for k, v in ref.items()}
+    elif not has_columns:
+        reference = {NO_COLUMN: number_or_none(ref, f"reference in {rwhere}")}
+    else:
+        raise ConfigError(
+            f"reference in {rwhere} must map column ids to numbers (the table has columns); "
+            f"got {describe(ref)}"
+        )
+    cells = mapping(row.get("cells"), f"cells in {rwhere}")
+    unknown = [k for k in cells if k not in column_ids]
+    if unknown:
+        raise ConfigError(f"cells in {rwhere} names column {unknown[0]!r}; columns: {', '.join(column_ids)}")
+    return RowSpec(
+        id=rid,
+        name=check_value(row.get("name", rid), str, f"name in {rwhere}"),
+        set=check_set(row.get("set") or {}, f"{rwhere} set"),
+        reference=reference,
+        notes=check_value(row.get("notes", ""), str, f"notes in {rwhere}"),
+        cells={k: check_set(v or {}, f"{rwhere} cells.{k}") for k, v in cells.items()},
+    )

@@ -1,0 +1,1 @@
+"""What a job is and what it leaves: the job-config schema and the result format."""
