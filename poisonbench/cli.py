@@ -147,9 +147,9 @@ def cmd_train(args) -> None:
         config["store_sha256"] = meta.get("content_sha256")
         config["attack"] = meta.get("attack", config["attack"])
     job_dir = Path(args.out) if args.out else runs_root() / "adhoc" / job_hash(config)
-    prepare_dir(job_dir, config)
-    result = run_job(config, job_dir, data_root=args.data_root, store_path=args.store,
-                     wandb=args.wandb, progress_bar=not args.fast_dev_run)
+    with prepare_dir(job_dir, config):  # refuses a directory that is not a poisonbench job's
+        result = run_job(config, job_dir, data_root=args.data_root, store_path=args.store,
+                         wandb=args.wandb, progress_bar=not args.fast_dev_run)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         m = result["metrics"]
         print(f"clean test accuracy {m['test_acc']:.2f}%  ({job_dir / 'result.json'})")
