@@ -239,7 +239,7 @@ def test_a_result_copied_from_another_job_is_not_done(finished):
     assert read_result(noise, runs_root())["config"] == noise.config
 
 
-def test_a_result_with_a_metric_out_of_range_is_refused(finished):
+def test_a_result_with_a_metric_out_of_range_is_refused(finished, tmp_path, monkeypatch):
     plan, _ = finished
     job = plan.jobs[0]
     path = job.dir(runs_root()) / "result.json"
@@ -250,6 +250,13 @@ def test_a_result_with_a_metric_out_of_range_is_refused(finished):
         assert job_state(job, runs_root()) == "invalid", value
         with pytest.raises(JobError, match="test_acc|NaN is not JSON|Infinity is not JSON"):
             read_result(job, runs_root())
+
+    # the leaderboard leaves the refused result out and stays valid JSON
+    monkeypatch.setenv("POISONBENCH_LEADERBOARDS", str(tmp_path / "boards"))
+    result["metrics"]["test_acc"] = math.nan
+    path.write_text(json.dumps(result))
+    board = runner.write_leaderboard(plan).with_suffix(".json").read_text()
+    assert "NaN" not in board and json.loads(board)
     result["metrics"]["test_acc"] = 100.0  # the range's end is a value
     path.write_text(json.dumps(result))
     assert job_state(job, runs_root()) == "done"
