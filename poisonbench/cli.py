@@ -273,9 +273,9 @@ def cmd_train(args) -> None:
         return
     check_home()
     check_writable(job_dir, "--out" if args.out else "the job directory")
-    prepare_dir(job_dir, config)
-    result = run_job(config, job_dir, data_root=args.data_root, store_path=args.store,
-                     wandb=no_wandb_in_smoke_run(args), progress_bar=not args.fast_dev_run)
+    with prepare_dir(job_dir, config):  # refuses a directory that is not a poisonbench job's
+        result = run_job(config, job_dir, data_root=args.data_root, store_path=args.store,
+                         wandb=no_wandb_in_smoke_run(args), progress_bar=not args.fast_dev_run)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         m = result["metrics"]
         print(f"clean test accuracy {m['test_acc']:.2f}%  ({job_dir / 'result.json'})")

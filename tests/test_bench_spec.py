@@ -292,14 +292,15 @@ def test_job_state_and_read_result(tmp_path):
     assert job_state(job, tmp_path) == "pending" and read_result(job, tmp_path) is None
     job.dir(tmp_path).mkdir(parents=True)
     assert job_state(job, tmp_path) == "partial"
-    result = {"format_version": RESULT_FORMAT_VERSION, "job": job.hash, "metrics": {"test_acc": 50.0}}
+    result = {"format_version": RESULT_FORMAT_VERSION, "job": job.hash, "config": job.config,
+              "metrics": {"test_acc": 50.0}}
     (job.dir(tmp_path) / "result.json").write_text(json.dumps(result))
     assert job_state(job, tmp_path) == "done"
     assert read_result(job, tmp_path) == result
     assert read_results([job], tmp_path) == {job.hash: result}
 
     (job.dir(tmp_path) / "result.json").write_text(json.dumps({**result, "format_version": 99}))
-    with pytest.raises(JobError, match=f"job directory .*{job.hash} has result format_version 99"):
+    with pytest.raises(JobError, match=f"result .*{job.hash}.* has result format_version 99"):
         read_result(job, tmp_path)
     (job.dir(tmp_path) / "result.json").write_text("{")
     with pytest.raises(JobError, match="not valid JSON"):

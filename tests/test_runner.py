@@ -39,8 +39,10 @@ def test_job_verb_runs_an_analysis_job(capsys):
     assert "probe_acc" in capsys.readouterr().out and job_state(plan.jobs[0], runs_root()) == "done"
 
 
-def test_killed_run_finishes_every_job_exactly_once(monkeypatch):
+def test_killed_run_finishes_every_job_exactly_once(monkeypatch, tmp_path):
     import poisonbench.training.job as job_module
+
+    monkeypatch.setenv("POISONBENCH_HOME", str(tmp_path))  # no job done yet
 
     real = job_module.run_job
     completed: list[str] = []
@@ -56,10 +58,9 @@ def test_killed_run_finishes_every_job_exactly_once(monkeypatch):
         return result
 
     monkeypatch.setattr(job_module, "run_job", flaky)
-    argv = ["run", "--table", "demo/digits", "--fast-dev-run", "--trials", "1", "--rerun"]
+    argv = ["run", "--table", "demo/digits", "--fast-dev-run", "--trials", "1"]
     assert main(argv) == 130  # interrupted
     assert len(completed) == 1
-    argv.remove("--rerun")
     assert main(argv) == 0
     jobs = len(load_table("demo/digits").cells())
     assert len(completed) == jobs and len(set(completed)) == jobs

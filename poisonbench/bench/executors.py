@@ -6,7 +6,12 @@
 - ``local`` with ``gpus``: one ``poisonbench job DIR`` per listed GPU at a time.
 - ``slurm``: submitit job arrays, one array task per job directory.
 
-Every executor runs a job by its directory alone, so any other launcher can too.
+Every executor runs a job by its directory alone, so any other launcher can too. A job
+runs only under its claim (``jobs.claim``, an flock that dies with its process): the
+local executor claims each job before it starts it (a child inherits the claim), puts
+off a job another process holds and waits for it after the others, and asks
+``pending`` once it holds the claim whether the job is still to be run, so that two
+runs of one table, or N workers, run each job once.
 """
 from __future__ import annotations
 
@@ -18,11 +23,30 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Callable
 
+from poisonbench.bench.jobs import LOCK_FD_ENV, Claim, JobBusyError, claim
 from poisonbench.errors import ConfigError, JobError
 from poisonbench.registry import Registry
 
 EXECUTORS: Registry = Registry("executor")
 OnDone = Callable[[Path], None]
+
+
+def ready(name: str) -> None:
+    """Fail, before any job directory is touched, when executor ``name`` cannot run
+    here (an unknown name; slurm without submitit)."""
+    EXECUTORS.get(name)
+    if name == "slurm":
+        _submitit()
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("the slurm executor needs submitit: pip install 'poisonbench[slurm]'") from None
+    return submitit
+
+
 
 
 def job_command(job_dir: Path, data_root: str | None, wandb: bool) -> list[str]:
@@ -34,13 +58,18 @@ def job_command(job_dir: Path, data_root: str | None, wandb: bool) -> list[str]:
     return cmd
 
 
-def run_child(job_dir: Path, data_root: str | None, wandb: bool, env: dict | None = None) -> None:
-    """Run ``poisonbench job DIR`` in a child; a child outlives no interrupted parent,
-    or a restarted run could wipe a directory it is still writing to."""
+def run_child(job_dir: Path, data_root: str | None, wandb: bool, env: dict | None = None,
+              claimed: Claim | None = None) -> None:
+    """Run ``poisonbench job DIR`` in a child, which inherits ``claimed`` (so the claim
+    lives as long as the child does); a child outlives no interrupted parent."""
     log = job_dir / "job.log"
+    env = {**os.environ, **(env or {})}
+    fds: tuple[int, ...] = ()
+    if claimed is not None and claimed.fd is not None:
+        env[LOCK_FD_ENV], fds = str(claimed.fd), (claimed.fd,)
     with open(log, "w") as out:
         child = subprocess.Popen(job_command(job_dir, data_root, wandb), stdout=out, stderr=subprocess.STDOUT,
-                                 env={**os.environ, **(env or {})})
+                                 env=env, pass_fds=fds)
         try:
             code = child.wait()
         finally:
@@ -58,37 +87,68 @@ def needs_child(config: dict) -> bool:
 
 @EXECUTORS.register("local")
 def run_local(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool = False,
-              gpus: list[str] | None = None, on_done: OnDone = lambda d: None, **_: object) -> None:
-    from poisonbench.training.job import load_config, run_job
+              gpus: list[str] | None = None, pending: Callable[[Path], bool] = lambda d: True,
+              on_done: OnDone = lambda d: None, on_skip: OnDone = lambda d: None,
+              on_busy: OnDone = lambda d: None, **_: object) -> None:
+    """Run the jobs here, in order, or with ``gpus`` one child per GPU at a time.
 
-    if not gpus:
-        for job_dir in job_dirs:
-            config = load_config(job_dir)
-            if needs_child(config):
-                run_child(job_dir, data_root, wandb)
-            else:
-                run_job(config, job_dir, data_root=data_root, wandb=wandb)
+    ``on_busy``: a job another process holds (it is waited for after the others);
+    ``on_skip``: a job that ``pending`` no longer wants once claimed.
+    """
+    from poisonbench.training.job import load_config, prepare_dir, run_job
+
+    lock = threading.Lock()  # callbacks (progress lines) from one worker at a time
+
+    def run_one(job_dir: Path, held: Claim, gpu: str | None) -> None:
+        if not pending(job_dir):
+            with lock:
+                on_skip(job_dir)
+            return
+        config = load_config(job_dir)
+        if gpu is not None:
+            run_child(job_dir, data_root, wandb, env={"CUDA_VISIBLE_DEVICES": gpu}, claimed=held)
+        elif needs_child(config):
+            run_child(job_dir, data_root, wandb, claimed=held)
+        else:
+            prepare_dir(job_dir, config, claimed=held)
+            run_job(config, job_dir, data_root=data_root, wandb=wandb)
+        with lock:
             on_done(job_dir)
-        return
 
-    queue: Queue = Queue()
+    first: Queue = Queue()
+    later: Queue = Queue()
     for job_dir in job_dirs:
-        queue.put(job_dir)
-    errors: list[Exception] = []
-    lock = threading.Lock()
+        first.put(job_dir)
+    errors: list[BaseException] = []
 
-    def worker(gpu: str) -> None:
+    def work(gpu: str | None) -> None:
         while not errors:
             try:
-                job_dir = queue.get_nowait()
+                job_dir, wait = first.get_nowait(), False
             except Empty:
-                return
+                try:
+                    job_dir, wait = later.get_nowait(), True
+                except Empty:
+                    return
             try:
-                run_child(job_dir, data_root, wandb, env={"CUDA_VISIBLE_DEVICES": gpu})
+                held = claim(job_dir, wait=wait)
+            except JobBusyError:
                 with lock:
-                    on_done(job_dir)
-            except Exception as err:  # reported by the main thread, not lost with this one
-                errors.append(err)
+                    on_busy(job_dir)
+                later.put(job_dir)
+                continue
+            with held:
+                run_one(job_dir, held, gpu)
+
+    if not gpus:
+        work(None)
+        return
+
+    def worker(gpu: str) -> None:
+        try:
+            work(gpu)
+        except Exception as err:  # reported by the main thread, not lost with this one
+            errors.append(err)
 
     threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
     for t in threads:
@@ -102,13 +162,10 @@ def run_local(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool
 @EXECUTORS.register("slurm")
 def run_slurm(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool = False,
               slurm: dict | None = None, on_done: OnDone = lambda d: None, **_: object) -> None:
-    """Submit one array task per job and wait. A requeued task runs its job again from
-    the start: ``run_job_dir`` clears what an earlier attempt left (checkpoint resume
-    is not implemented yet)."""
-    try:
-        import submitit
-    except ImportError:
-        raise ConfigError("the slurm executor needs submitit: pip install 'poisonbench[slurm]'") from None
+    """Submit one array task per job and wait. Each task claims its job itself
+    (``run_job_dir``); a requeued task runs its job again from the start: it clears
+    what an earlier attempt left (checkpoint resume is not implemented yet)."""
+    submitit = _submitit()
     from poisonbench.training.job import run_job_dir
 
     if not job_dirs:

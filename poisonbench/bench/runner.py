@@ -1,9 +1,13 @@
 """``poisonbench run``: expand tables into jobs, skip what is done, run the rest, and
 render the leaderboards from what is on disk.
 
-State lives on disk (DomainBed): a job is done when its ``result.json`` exists; a
-directory without one is left over from a killed run and is prepared afresh. Killing
-a run at any moment and starting it again therefore finishes every job exactly once.
+State lives on disk (DomainBed): a job is done when its directory holds a valid
+``result.json`` of it; a directory without one is left over from a killed run and is
+prepared afresh when the job runs. Killing a run at any moment and starting it again
+therefore finishes every job exactly once; so do two runs at once, because a job runs
+only under its claim (``jobs.claim``), and a run that finds a job claimed waits for it
+and then runs it only if it is still not done. Nothing is deleted before a job runs:
+``--rerun`` replaces a result when its new one is written.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from poisonbench.bench.aggregate import aggregate, table_state
-from poisonbench.bench.executors import EXECUTORS
-from poisonbench.bench.jobs import Job, expand, job_state, read_results, runs_root
+from poisonbench.bench.executors import EXECUTORS, ready
+from poisonbench.bench.jobs import Job, expand, job_state, make_job_dir, read_results, result_stamp, runs_root
 from poisonbench.bench.render import render_all, render_table
 from poisonbench.bench.catalogue import load_suite
 from poisonbench.bench.tables import TableSpec, load_table
@@ -76,29 +80,48 @@ def show_plan(plans: list[Plan], console: Console) -> None:
 def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data_root: str | None = None,
         wandb: bool = False, gpus: list[str] | None = None, slurm: dict | None = None,
         render: bool = True, console: Console | None = None) -> None:
-    from poisonbench.training.job import prepare_dir
-
     console = console or Console(stderr=True)
     root = runs_root()
+    ready(executor)  # before any directory is touched
     launch = EXECUTORS.get(executor)
     todo = [j for p in plans for j in p.jobs if rerun or job_state(j, root) != "done"]
     skipped = sum(len(p.jobs) for p in plans) - len(todo)
     if skipped:
         console.print(f"{skipped} jobs already done (use --rerun to run them again)")
-    for job in todo:
-        prepare_dir(job.dir(root), job.config)
+    by_dir = {j.dir(root): j for j in todo}
+    # With --rerun, the result each job replaces: one written since came from another run.
+    replaces = {d: result_stamp(d) for d in by_dir} if rerun else {}
+    for job_dir, job in by_dir.items():
+        make_job_dir(job_dir, job.config)  # refuses a foreign directory before any work; removes nothing
+
+    def pending(job_dir: Path) -> bool:
+        """Whether a claimed job is still to be run by this run."""
+        if rerun:
+            return result_stamp(job_dir) == replaces[job_dir]
+        return job_state(by_dir[job_dir], root) != "done"
+
     if gpus:
         precraft(todo, data_root, console, gpus)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("trials", total=len(todo))
-        labels = {j.dir(root): j.label for j in todo}
+
+        def label(job_dir: Path) -> str:
+            return by_dir[job_dir].label if job_dir in by_dir else str(job_dir)
 
         def done(job_dir: Path) -> None:
-            progress.update(task, advance=1, description=labels.get(job_dir, "trials"))
+            progress.update(task, advance=1, description=label(job_dir))
 
-        launch([j.dir(root) for j in todo], data_root=data_root, wandb=wandb, gpus=gpus,
-               slurm=slurm, on_done=done)
+        def skip(job_dir: Path) -> None:
+            progress.console.print(f"{label(job_dir)}: done by another run meanwhile; not run again")
+            done(job_dir)
+
+        def busy(job_dir: Path) -> None:
+            progress.console.print(f"{label(job_dir)}: another process is running it; "
+                                   f"waiting for it after the other jobs")
+
+        launch(list(by_dir), data_root=data_root, wandb=wandb, gpus=gpus, slurm=slurm,
+               pending=pending, on_done=done, on_skip=skip, on_busy=busy)
     if render:
         for p in plans:
             write_leaderboard(p, wandb=wandb, console=console)

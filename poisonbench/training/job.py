@@ -15,7 +15,6 @@ L-BFGS linear classifier (``poisonbench.fitting.linear_eval``), with no curve.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +25,10 @@ import yaml
 from poisonbench import provenance
 from poisonbench.attacks import ATTACKS, craft_cached
 from poisonbench.attacks.base import check_declared, craft_cost
-from poisonbench.bench.jobs import CONFIG_FILE, RESULT_FILE, RESULT_FORMAT_VERSION
+from poisonbench.bench.jobs import (
+    CONFIG_FILE, RESULT_FILE, RESULT_FORMAT_VERSION, Claim, claim, clear_job_dir, inherited_claim, make_job_dir,
+    metric_problem,
+)
 from poisonbench.schema.job_config import SCENARIOS
 from poisonbench.data import load_imageset
 from poisonbench.data.imageset import ImageSet
@@ -45,20 +47,34 @@ from poisonbench.fitting.trainer import quiet_lightning
 FAST_DEV_BATCH = 8
 
 
-def prepare_dir(job_dir: Path, config: dict, keep: tuple[str, ...] = ()) -> None:
-    """Start a job directory afresh: whatever a killed run left is removed (but the
-    names in ``keep``) and the config is written.
+def prepare_dir(job_dir: str | Path, config: dict, keep: tuple[str, ...] = (),
+                claimed: Claim | None = None) -> Claim:
+    """Make ``job_dir`` ready for a run of the job with ``config`` and return this
+    process's claim of it: hold the claim (``with``) until the job is done.
 
-    DDP workers re-execute the launching command with LOCAL_RANK set; they must not
-    wipe the directory their rank-0 process is writing to.
+    The directory is created or adopted only when it is provably a poisonbench job
+    directory (``make_job_dir``: a foreign one is refused, nothing touched); it is
+    claimed (``claimed``: the caller's claim, else one an executor handed down, else
+    a new one; ``JobBusyError`` when another process runs the job); then what an
+    earlier attempt left is cleared, except the names in ``keep`` and a finished
+    result, which stays until the new one replaces it.
+
+    DDP workers re-execute the launching command with LOCAL_RANK set; they run inside
+    their rank-0 process's claim and must not touch its directory.
     """
+    job_dir = Path(job_dir)
     if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    job_dir.mkdir(parents=True, exist_ok=True)
-    for entry in job_dir.iterdir():
-        if entry.name not in keep:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    write_text(job_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=True))
+        return Claim(job_dir, None)
+    make_job_dir(job_dir, config, write_config=False)
+    held = claimed or inherited_claim(job_dir) or claim(job_dir)
+    try:
+        write_text(job_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=True))
+        clear_job_dir(job_dir, keep)
+    except BaseException:
+        if claimed is None:
+            held.release()
+        raise
+    return held
 
 
 def load_config(job_dir: Path) -> dict:
@@ -77,11 +93,12 @@ def load_config(job_dir: Path) -> dict:
 
 def run_job_dir(job_dir: str | Path, data_root: str | None = None, wandb: bool = False) -> dict:
     """Run the job prepared in ``job_dir`` (what ``poisonbench job DIR`` and slurm do),
-    starting from its config alone: what an earlier attempt left is removed."""
+    starting from its config alone: what an earlier attempt left is removed, a finished
+    result only when the new one is written."""
     job_dir = Path(job_dir)
     config = load_config(job_dir)
-    prepare_dir(job_dir, config, keep=("job.log",))  # the launcher writes job.log
-    return run_job(config, job_dir, data_root=data_root, wandb=wandb)
+    with prepare_dir(job_dir, config, keep=("job.log",)):  # the launcher writes job.log
+        return run_job(config, job_dir, data_root=data_root, wandb=wandb)
 
 
 def compute_device(train: dict) -> torch.device:
@@ -184,7 +201,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
         "finished_at": provenance.now(),
     }
     if write:
-        write_json(job_dir / RESULT_FILE, result)
+        write_result(job_dir, result)
     if wandb:
         import wandb as wandb_lib
 
@@ -195,6 +212,16 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
                 {"test/acc": result["metrics"]["test_acc"], "train/acc": result["metrics"]["train_acc"]})
         wandb_lib.finish()
     return result
+
+
+def write_result(job_dir: Path, result: dict) -> None:
+    """Write ``result.json`` (replacing an earlier result in one rename) unless a metric
+    lies outside its range: such a result would only be refused when read."""
+    for name, value in result["metrics"].items():
+        problem = metric_problem(name, value)
+        if problem:
+            raise JobError(f"job {job_dir} measured {problem}; no result was written")
+    write_json(job_dir / RESULT_FILE, result)
 
 
 def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStore, craft_s: float,
@@ -219,7 +246,7 @@ def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStor
         "versions": provenance.versions(),
         "finished_at": provenance.now(),
     }
-    write_json(job_dir / RESULT_FILE, result)
+    write_result(job_dir, result)
     if wandb:
         import wandb as wandb_lib
 
