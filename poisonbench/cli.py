@@ -245,7 +245,7 @@ def cmd_train(args) -> None:
     from poisonbench.bench.jobs import derive_seed, job_hash, runs_root
     from poisonbench.bench.profiles import adhoc_config
     from poisonbench.resolve import check_job
-    from poisonbench.training.job import prepare_dir, run_job
+    from poisonbench.training.run import prepare_dir, run_job
 
     sets = parse_sets(args.set)
     if args.store and (args.attack or {"attack", "attack_params"} & set(sets)):
@@ -361,7 +361,7 @@ def cmd_data(args) -> None:
 def cmd_job(args) -> None:
     from poisonbench.schema.job_config import check_job_config
     from poisonbench.resolve import check_job
-    from poisonbench.training.job import CONFIG_FILE, load_config, run_job_dir
+    from poisonbench.training.run import CONFIG_FILE, load_config, run_job_dir
 
     where = f"job config {Path(args.job_dir) / CONFIG_FILE}"
     config = load_config(Path(args.job_dir))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from poisonbench.analysis.job import TASK_KEYS
+from poisonbench.analysis.tasks import TASK_KEYS
 from poisonbench.analysis.probe import ProbeParams
 from poisonbench.attacks import ATTACKS
 from poisonbench.data import DATASETS

@@ -10,9 +10,8 @@ import pytest
 
 from poisonbench import config
 from poisonbench.bench import jobs as jobs_mod
-from poisonbench.bench.jobs import (
-    RESULT_FORMAT_VERSION, derive_seed, expand, job_hash, job_state, read_result, read_results,
-)
+from poisonbench.bench.jobs import derive_seed, expand, job_hash, job_state, read_result, read_results
+from poisonbench.schema.result import RESULT_FORMAT_VERSION
 from poisonbench.bench.catalogue import load_catalogue, load_suite, profile_names, table_ids
 from poisonbench.bench.profiles import load_profile
 from poisonbench.bench.tables import load_table

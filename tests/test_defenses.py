@@ -284,7 +284,7 @@ class _KeepEven(Defense):
 
 
 def test_filter_hook_shrinks_the_poisoned_training_set(digits):
-    from poisonbench.training.job import filter_training_set
+    from poisonbench.training.run import filter_training_set
 
     train, test = digits
     store = ATTACKS.get("synthetic").craft(train, {}, seed=0)
@@ -320,7 +320,7 @@ def test_feature_cache_hits_on_the_second_call(digits):
 
 
 def test_linear_eval_job_end_to_end(tmp_path):
-    from poisonbench.training.job import run_job
+    from poisonbench.training.run import run_job
 
     _save_backbone(tmp_path / "backbone.safetensors", pool=1)
     config = _config(scenario="linear_eval", defense="pretrained",
@@ -335,7 +335,7 @@ def test_linear_eval_job_end_to_end(tmp_path):
 
 
 def test_finetune_job_loads_the_backbone_fast_dev_run(tmp_path):
-    from poisonbench.training.job import run_job
+    from poisonbench.training.run import run_job
 
     _save_backbone(tmp_path / "backbone.safetensors", pool=1)
     config = _config(scenario="finetune", defense="pretrained", fast_dev_run=True,

@@ -15,9 +15,9 @@ import pytest
 
 from poisonbench import files
 from poisonbench.bench import runner
-from poisonbench.bench.jobs import (
-    MARKER_FILE, JobBusyError, claim, clear_job_dir, job_state, make_job_dir, read_result, read_results,
-    result_stamp, runs_root,
+from poisonbench.bench.jobs import job_state, read_result, read_results, runs_root
+from poisonbench.schema.job_dir import (
+    MARKER_FILE, JobBusyError, claim, clear_job_dir, make_job_dir, result_stamp,
 )
 from poisonbench.cli import main
 from poisonbench.errors import JobError
@@ -96,7 +96,7 @@ def test_a_claim_is_exclusive_and_dies_with_its_process(tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from poisonbench.bench.jobs import claim
+            from poisonbench.schema.job_dir import claim
             held = claim({str(job_dir)!r})
             print("held", flush=True)
             time.sleep(120)
@@ -124,7 +124,7 @@ PROBE = textwrap.dedent("""
     from pathlib import Path
 
     import poisonbench.bench.executors as executors
-    import poisonbench.training.job as job
+    import poisonbench.training.run as job
 
     real_run_job = job.run_job
 
@@ -174,7 +174,7 @@ def finished(home):
 
 def test_rerun_replaces_results_only_when_new_ones_are_written(finished, monkeypatch):
     plan, stamps = finished
-    import poisonbench.training.job as job_module
+    import poisonbench.training.run as job_module
 
     def killed(config, job_dir, **kw):
         raise KeyboardInterrupt
@@ -192,7 +192,7 @@ def test_rerun_replaces_results_only_when_new_ones_are_written(finished, monkeyp
 def test_job_verb_keeps_a_finished_result_until_its_new_one(finished, monkeypatch):
     plan, stamps = finished
     job_dir = plan.jobs[0].dir(runs_root())
-    import poisonbench.training.job as job_module
+    import poisonbench.training.run as job_module
 
     seen = {}
 
@@ -262,7 +262,7 @@ def test_a_result_with_a_metric_out_of_range_is_refused(finished, tmp_path, monk
 
 
 def test_write_json_writes_valid_json_and_run_job_writes_no_out_of_range_result(tmp_path):
-    from poisonbench.training.job import write_result
+    from poisonbench.training.run import write_result
 
     files.write_json(tmp_path / "board.json", {"mean": math.nan, "cells": [1.5, math.inf, (2.0, -math.inf)]})
 

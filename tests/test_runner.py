@@ -29,7 +29,7 @@ def test_fast_dev_run_demo_renders_nothing(tmp_path):
 def test_job_verb_runs_an_analysis_job(capsys):
     """`poisonbench job DIR` (what the executors launch) on a separability job: its
     metric is probe_acc, not test_acc, and the verb must not trip over that."""
-    from poisonbench.training.job import prepare_dir
+    from poisonbench.training.run import prepare_dir
 
     plan = runner.plan(runner.resolve_tables(None, "demo/digits-separability"), profile=None, trials=None,
                        rows=["clean"], fast_dev_run=True)[0]
@@ -40,7 +40,7 @@ def test_job_verb_runs_an_analysis_job(capsys):
 
 
 def test_killed_run_finishes_every_job_exactly_once(monkeypatch, tmp_path):
-    import poisonbench.training.job as job_module
+    import poisonbench.training.run as job_module
 
     monkeypatch.setenv("POISONBENCH_HOME", str(tmp_path))  # no job done yet
 

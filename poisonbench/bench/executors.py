@@ -23,7 +23,7 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Callable
 
-from poisonbench.bench.jobs import LOCK_FD_ENV, Claim, JobBusyError, claim
+from poisonbench.schema.job_dir import LOCK_FD_ENV, Claim, JobBusyError, claim
 from poisonbench.errors import ConfigError, JobError
 from poisonbench.registry import Registry
 
@@ -95,7 +95,7 @@ def run_local(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool
     ``on_busy``: a job another process holds (it is waited for after the others);
     ``on_skip``: a job that ``pending`` no longer wants once claimed.
     """
-    from poisonbench.training.job import load_config, prepare_dir, run_job
+    from poisonbench.training.run import load_config, prepare_dir, run_job
 
     lock = threading.Lock()  # callbacks (progress lines) from one worker at a time
 
@@ -166,7 +166,7 @@ def run_slurm(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool
     (``run_job_dir``); a requeued task runs its job again from the start: it clears
     what an earlier attempt left (checkpoint resume is not implemented yet)."""
     submitit = _submitit()
-    from poisonbench.training.job import run_job_dir
+    from poisonbench.training.run import run_job_dir
 
     if not job_dirs:
         return

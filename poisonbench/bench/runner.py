@@ -22,7 +22,8 @@ from rich.table import Table
 
 from poisonbench.bench.aggregate import aggregate, table_state
 from poisonbench.bench.executors import EXECUTORS, ready
-from poisonbench.bench.jobs import Job, expand, job_state, make_job_dir, read_results, result_stamp, runs_root
+from poisonbench.bench.jobs import Job, expand, job_state, read_results, runs_root
+from poisonbench.schema.job_dir import make_job_dir, result_stamp
 from poisonbench.bench.render import render_all, render_table
 from poisonbench.bench.catalogue import load_suite
 from poisonbench.bench.tables import TableSpec, load_table
@@ -148,7 +149,7 @@ def precraft(jobs: list[Job], data_root: str | None, console: Console, gpus: lis
     for job in jobs:
         c = job.config
         params = dict(c.get("attack_params") or {})
-        if c.get("fast_dev_run") and c["attack"] != "none":  # what the job itself crafts (training/job.py)
+        if c.get("fast_dev_run") and c["attack"] != "none":  # what the job itself crafts (training/run.py)
             params = {**params, **ATTACKS.get(c["attack"]).smoke}
         key = (c["attack"], json.dumps(params, sort_keys=True), c["dataset"], c["poison_seed"])
         if key in seen or c["attack"] == "none":
@@ -194,7 +195,7 @@ def write_leaderboard(p: Plan, *, wandb: bool = False, console: Console | None =
         console.print("\n".join(table), markup=False, highlight=False)
         console.print(f"{p.spec.id}: {table_state(cells).status} → {path}")
     if wandb:
-        from poisonbench.bench.tracking import log_leaderboard
+        from poisonbench.tracking import log_leaderboard
 
         log_leaderboard(p.spec.id, profile, json.loads(path.with_suffix(".json").read_text()))
     return path

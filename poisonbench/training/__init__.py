@@ -1,1 +1,1 @@
-"""Victim training: the LightningModule, the Trainer factory and one job's run."""
+"""Running one job: its poisons crafted or fetched, the victim trained (or the perturbations analysed), measured, and result.json written last."""

@@ -25,10 +25,9 @@ import yaml
 from poisonbench import provenance
 from poisonbench.attacks import ATTACKS, craft_cached
 from poisonbench.attacks.base import check_declared, craft_cost
-from poisonbench.bench.jobs import (
-    CONFIG_FILE, RESULT_FILE, RESULT_FORMAT_VERSION, Claim, claim, clear_job_dir, inherited_claim, make_job_dir,
-    metric_problem,
-)
+from poisonbench.schema.job_config import CONFIG_FILE
+from poisonbench.schema.job_dir import Claim, claim, clear_job_dir, inherited_claim, make_job_dir
+from poisonbench.schema.result import RESULT_FILE, RESULT_FORMAT_VERSION, metric_problem
 from poisonbench.schema.job_config import SCENARIOS
 from poisonbench.data import load_imageset
 from poisonbench.data.imageset import ImageSet
@@ -166,7 +165,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
 
     batch_size = min(int(train_cfg["batch_size"]), FAST_DEV_BATCH) if fast else int(train_cfg["batch_size"])
     if wandb and craft_s > 0:
-        from poisonbench.bench.tracking import log_craft
+        from poisonbench.tracking import log_craft
 
         log_craft(config, job_dir, {"craft_s": craft_s, **store.budget})
     sizes = {"batch_size": batch_size, **({"eval_batch_size": FAST_DEV_BATCH} if fast else {})}
@@ -206,7 +205,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
         import wandb as wandb_lib
 
         if scenario == "linear_eval":
-            from poisonbench.bench.tracking import wandb_logger
+            from poisonbench.tracking import wandb_logger
 
             wandb_logger(config, job_dir, job_type="train").log_metrics(
                 {"test/acc": result["metrics"]["test_acc"], "train/acc": result["metrics"]["train_acc"]})
@@ -226,8 +225,8 @@ def write_result(job_dir: Path, result: dict) -> None:
 
 def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStore, craft_s: float,
                   fast: bool, wandb: bool) -> dict:
-    """A job whose task analyses the perturbations (``poisonbench.analysis.job``)."""
-    from poisonbench.analysis.job import run_task
+    """A job whose task analyses the perturbations (``poisonbench.analysis.tasks``)."""
+    from poisonbench.analysis.tasks import run_task
 
     metrics, timings, files = run_task(config, base, store, job_dir, int(config["seed"]), fast=fast)
     result = {
@@ -250,7 +249,7 @@ def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStor
     if wandb:
         import wandb as wandb_lib
 
-        from poisonbench.bench.tracking import wandb_logger
+        from poisonbench.tracking import wandb_logger
 
         wandb_logger(config, job_dir, job_type="analysis").log_metrics(metrics)
         wandb_lib.finish()
@@ -263,7 +262,7 @@ def _train(model, datamodule: PoisonedDataModule, config: dict, defense: Defense
     this process writes the result (rank 0)."""
     extra_loggers = []
     if wandb:
-        from poisonbench.bench.tracking import wandb_logger
+        from poisonbench.tracking import wandb_logger
 
         extra_loggers.append(wandb_logger(config, job_dir, job_type="train"))
     fitted = fit(model, datamodule, dict(config["train"]), scenario=config.get("scenario", "scratch"),
