@@ -265,3 +265,18 @@ def test_render_all_end_to_end(tmp_path):
     assert "| robuster/sec5_4 |" in readme and "not implemented" in readme
     assert not (tmp_path / "boards" / "shortcuts" / "table3.md").exists()  # no results, no leaderboard
     assert "51.00 ± 0.58 (n=3)" in (tmp_path / "boards" / "demo" / "digits.md").read_text()
+
+
+def test_best_of_column_says_its_error_ignores_the_selection(tmp_path):
+    spec = load_table("shortcuts/table4")
+    row = spec.rows[0].id
+    jobs = expand(spec, trials=2, rows=[row])
+    means = {"at_eps2": 40.0, "at_eps4": 60.0, "at_eps8": 50.0}
+    results = {j.hash: fake_result(j, means[j.column] + j.trial) for j in jobs if j.column in means}
+    cells = aggregate(spec, jobs, results)
+    best = next(c for c in cells if c.column == "adversarial_training")
+    assert best.mean == pytest.approx(60.5) and best.chosen and best.derived
+    text = render_table(spec, cells, results, tmp_path, "paper").read_text()
+    assert f"[{best.chosen}]" in text
+    assert "its ± is the standard error of that selected column alone, which ignores the selection" in text
+    assert "## Notes" in text and "README command starts from zero" in text  # the spec's deviations

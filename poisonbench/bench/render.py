@@ -168,6 +168,9 @@ def table_markdown(spec: TableSpec, cells: list[CellResult], prov: Mapping[str, 
         paper = NONE if c.reference is None else repr(c.reference)  # as transcribed: 8.0, 94.69
         names = [_md(c.row_name), _md(c.column_name)] if with_columns else [_md(c.row_name)]
         lines.append("| " + " | ".join([*names, paper, reproduced, *diff]) + " |")
+    if any(c.chosen for c in cells):
+        lines += ["", "A value marked [column] is the best of its row's member columns by mean; its ± is the "
+                  "standard error of that selected column alone, which ignores the selection."]
     notes = [" ".join(spec.notes.split())] if spec.notes.strip() else []
     notes += [f"- {_md(r.name)}: {' '.join(r.notes.split())}" for r in spec.rows if r.notes.strip()]
     notes += [f"- {_md(c.name)}: {' '.join(c.notes.split())}" for c in spec.columns if c.notes.strip()]
