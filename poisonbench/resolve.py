@@ -45,6 +45,6 @@ def _check_task(task: str, params: dict) -> None:
     if unknown:
         allowed = ", ".join(sorted(TASK_KEYS.get(task, set())))
         raise ConfigError(f"unknown task_params {unknown[0]!r} for task {task!r}; allowed: {allowed}")
-    if task == "separability":  # what analysis.job builds from them
+    if task == "separability":  # what analysis.tasks builds from them
         probe = {k: v for k, v in params.items() if k != "probe"}
         parse_params(ProbeParams, {"kind": params.get("probe", "linear"), **probe}, f"task {task!r}", "task_params")

@@ -3,11 +3,13 @@ the L-BFGS linear / two-layer probes, and the t-SNE figure. All on the CPU, on s
 synthetic data or the embedded digits set."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from poisonbench.analysis.features import clean_features, perturbations, unit_rows
-from poisonbench.analysis.probe import ProbeParams, fit_lbfgs, separability
+from poisonbench.analysis.features import clean_features, perturbations, project, ratio_dims, unit_rows
+from poisonbench.analysis.probe import ProbeParams, claim_violations, fit_lbfgs, separability
 from poisonbench.analysis.tsne import tsne_figure
 from poisonbench.attacks import ATTACKS
 from poisonbench.errors import ConfigError, PoisonStoreError
@@ -141,16 +143,84 @@ def test_tsne_figure_writes_png(tmp_path):
     assert not list(path.parent.glob(".*tmp"))  # written atomically, no temporary left
 
 
-# Table 1's claim for every perturbation poisonbench crafts: the attacks that optimise
-# (and synthetic) leave perturbations a linear probe fits. Smoke parameters keep it to
-# seconds; on digits N = 900 < d = 3,072, so this is the easy direction only (the probe's
-# failing side is test_linear_probe_cannot_fit_random_labels_in_few_dims).
-@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n not in ("none", "random_noise")])
-def test_linear_probe_fits_every_attacks_perturbations(name, digits):
+def test_projection_keeps_the_papers_ratio_and_leaves_cifar_alone():
+    assert ratio_dims(50_000, 3_072) == 3_072 and ratio_dims(900, 3_072) == 55
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3_072, generator=g)
+    assert project(x, "random", dims=3_072) is x and project(x, "none") is x
+    a, b = project(x, "random", dims=12, seed=3), project(x, "random", dims=12, seed=3)
+    assert a.shape == (40, 12) and torch.equal(a, b)
+    assert not torch.equal(a, project(x, "random", dims=12, seed=4))
+    assert project(x, "pca", dims=5).shape == (40, 5)
+    with pytest.raises(ConfigError, match="projection must be one of"):
+        project(x, "umap")
+
+
+def test_claim_check_fails_when_clean_data_fits_as_well():
+    assert claim_violations({"error_minimizing": 100.0}, clean_acc=49.9, control_acc=27.0) == []
+    clean_as_good = claim_violations({"error_minimizing": 100.0}, clean_acc=100.0, control_acc=27.0)
+    assert len(clean_as_good) == 1 and "clean data" in clean_as_good[0]
+    assert "shuffled control" in claim_violations({"x": 60.0}, clean_acc=10.0, control_acc=55.0)[0]
+
+
+def shuffled(labels):
+    return labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(0))]
+
+
+def test_unprojected_digits_separate_any_labelling(digits):
+    """Why the projection: 900 random-noise perturbations in 3,072 dimensions fit shuffled
+    labels perfectly; at the paper's ratio (55 dimensions) they do not."""
+    train, _ = digits
+    delta, labels = perturbations(ATTACKS.get("random_noise").craft(train, {"eps": 8 / 255}, seed=0), train)
+    assert separability(delta, shuffled(labels), train.num_classes, "linear") >= 99.0
+    assert separability(delta, shuffled(labels), train.num_classes, "linear", projection="random") < 50.0
+
+
+# Table 1's claim at the paper's ratio of samples to dimensions (a random projection to 55
+# of 3,072 dimensions on digits): the perturbations of the attacks that optimise (and
+# synthetic) fit far better than the same perturbations with shuffled labels. Smoke
+# crafting parameters keep it to seconds. Only where a smoke craft is already an
+# attack: the gradient attacks' smoke (3 PGD steps against a width-4 surrogate trained
+# one epoch) fits 35-38 % against a control of 25-30 %, so they are checked slowly, at
+# the cpu profile's recipe.
+SMOKE_SHORTCUTS = ("synthetic", "error_minimizing", "deepconfuse", "ntga")
+
+
+@pytest.mark.parametrize("name", SMOKE_SHORTCUTS)
+def test_perturbations_fit_far_better_than_the_shuffled_control(name, digits):
     train, _ = digits
     attack = ATTACKS.get(name)
     delta, labels = perturbations(attack.craft(train, attack.smoke, seed=0), train)
-    assert separability(delta, labels, train.num_classes, "linear") >= 90.0
+    fit = separability(delta, labels, train.num_classes, "linear", projection="random")
+    control = separability(delta, shuffled(labels), train.num_classes, "linear", projection="random")
+    assert claim_violations({name: fit}, clean_acc=-math.inf, control_acc=control) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["targeted", "untargeted"])
+def test_adversarial_perturbations_fit_far_better_than_the_shuffled_control(mode, digits):
+    """As above, crafted with the cpu profile's recipe (configs/profiles/cpu.yaml): about two
+    minutes a mode (measured, targeted: 100 % against a control of 28 %)."""
+    train, _ = digits
+    params = {"mode": mode, "model": "small_cnn", "model_params": {"pool": 1, "width": 16}, "steps": 30,
+              "restarts": 1, "surrogate_epochs": 15, "surrogate_lr": 0.05, "surrogate_batch_size": 64}
+    delta, labels = perturbations(ATTACKS.get("adversarial").craft(train, params, seed=0), train)
+    fit = separability(delta, labels, train.num_classes, "linear", projection="random")
+    control = separability(delta, shuffled(labels), train.num_classes, "linear", projection="random")
+    assert claim_violations({f"adversarial {mode}": fit}, clean_acc=-math.inf, control_acc=control) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the paper's clean comparison does not hold on digits: clean digits are linearly separable "
+    "even at the paper's ratio (100 % at 55 random dimensions, 87 % at 10), unlike CIFAR-10 (49.9 %)"))
+def test_perturbations_fit_far_better_than_clean_digits(digits):
+    train, _ = digits
+    clean, clean_labels = clean_features(train)
+    clean_acc = separability(clean, clean_labels, train.num_classes, "linear", projection="random")
+    attack = ATTACKS.get("synthetic")
+    delta, labels = perturbations(attack.craft(train, attack.smoke, seed=0), train)
+    fit = separability(delta, labels, train.num_classes, "linear", projection="random")
+    assert claim_violations({"synthetic": fit}, clean_acc=clean_acc, control_acc=-math.inf) == []
 
 
 def test_a_diverging_fixed_step_falls_back_to_a_line_search(digits):

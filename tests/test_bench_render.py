@@ -6,6 +6,7 @@ After an intended change of the leaderboard format, regenerate the golden files 
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -39,21 +40,50 @@ def fake_result(job, value, curve=None, finished_at="2026-01-01T00:00:00+00:00")
 # --------------------------------------------------------------------------- golden
 
 
-def test_golden_leaderboard(tmp_path, monkeypatch):
+@pytest.mark.parametrize("table, n_results", [("demo/digits", 3), ("shortcuts/table2", 4)])
+def test_golden_leaderboard(tmp_path, monkeypatch, table, n_results):
     monkeypatch.setenv("POISONBENCH_CONFIGS", str(GOLDEN / "configs"))
-    spec = load_table("demo/digits")
+    spec = load_table(table)
     jobs = expand(spec, trials=2)
     results = read_results(jobs, GOLDEN / "runs")
-    assert len(results) == 3, "golden results do not match the expanded job hashes; see regenerate.py"
+    assert len(results) == n_results, "golden results do not match the expanded job hashes; see regenerate.py"
     md = render_table(spec, aggregate(spec, jobs, results), results, tmp_path, spec.profile)
-    assert md == tmp_path / "demo" / "digits.md"
+    assert md == tmp_path / f"{table}.md"
     for suffix in (".md", ".csv", ".json"):
-        expected = (GOLDEN / "leaderboards" / "demo" / f"digits{suffix}").read_bytes()
-        assert md.with_suffix(suffix).read_bytes() == expected, f"digits{suffix} differs from the golden file"
+        expected = (GOLDEN / "leaderboards" / f"{table}{suffix}").read_bytes()
+        assert md.with_suffix(suffix).read_bytes() == expected, f"{table}{suffix} differs from the golden file"
     assert md.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Rendering is reproducible: the date comes from the results, not the clock.
     render_table(spec, aggregate(spec, jobs, results), results, tmp_path / "again", spec.profile)
-    assert (tmp_path / "again" / "demo" / "digits.json").read_bytes() == md.with_suffix(".json").read_bytes()
+    assert (tmp_path / "again" / f"{table}.json").read_bytes() == md.with_suffix(".json").read_bytes()
+
+
+def test_golden_paper_setting_has_diffs():
+    """demo/digits ran in the setting its spec names: Δ against the references."""
+    text = (GOLDEN / "leaderboards" / "demo" / "digits.md").read_text()
+    assert "| Row | Paper | Reproduced | Δ |" in text
+    assert "| No perturbation | 95.0 | 92.75 ± 0.75 (n=2) | -2.25 |" in text
+    assert "not the paper's" not in text
+    # 2 trials where the spec asks for 3, and one row not run: the title says so.
+    assert text.splitlines()[1] == "# Demo: availability poisoning of the embedded digits (0 of 3 trials)"
+
+
+def test_golden_other_setting_has_no_diffs():
+    """shortcuts/table2 names ResNet-18 on CIFAR-10; the cpu profile ran it on digits."""
+    text = (GOLDEN / "leaderboards" / "shortcuts" / "table2.md").read_text()
+    title = text.splitlines()[1]
+    assert "run: small_cnn on digits, not the paper's resnet18 on cifar10" in title
+    assert "2 of 20 trials" in title
+    assert "| Row | Paper (resnet18 on cifar10) | Reproduced |" in text
+    assert "| None (clean) | 94.69 | 87.25 ± 0.75 (n=2) |" in text
+    assert "Δ =" not in text and "no Δ is computed" in text
+    assert "## Notes" in text and "- Random noise: A row's note." in text
+    rows = list(csv.DictReader((GOLDEN / "leaderboards" / "shortcuts" / "table2.csv").open()))
+    assert rows and all(r["diff"] == "" and r["reference"] for r in rows)
+    prov = json.loads((GOLDEN / "leaderboards" / "shortcuts" / "table2.json").read_text())["provenance"]
+    assert prov["setting"] == {"run": ["small_cnn on digits"], "paper": ["resnet18 on cifar10"], "comparable": False}
+    assert prov["versions"] == {"torch": ["2.5.0"], "lightning": ["2.4.0"], "numpy": ["2.1.0"]}
+    assert prov["threads"] == ["2"] and len(prov["job_hashes"]) == 4
 
 
 def test_golden_json_shape():
@@ -117,8 +147,9 @@ def test_curves_table_renders(tmp_path):
     md = render_table(spec, aggregate(spec, jobs, results), results, tmp_path, "paper")
     assert md.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
-    assert "| Algorithms 1+2 (patch 8) | SVHN | — | not run | — |" in text
-    assert "| clean | SVHN | — | 30.50 ± 0.50 (n=2) | — |" in text
+    # No paper values at all: no Δ column.
+    assert "| Algorithms 1+2 (patch 8) | SVHN | — | not run |" in text
+    assert "| clean | SVHN | — | 30.50 ± 0.50 (n=2) |" in text
 
 
 def test_not_run_cells_and_diffs(tmp_path):
@@ -130,7 +161,8 @@ def test_not_run_cells_and_diffs(tmp_path):
     assert md == tmp_path / "shortcuts" / "table3.md"
     assert "| ResNet-18 | CIFAR-10 D_c | 94.7 | 94.50 ± 0.50 (n=2) | -0.20 |" in text
     assert "| VGG-11 | SVHN D_c | 95.4 | not run | — |" in text
-    assert "- Trials: 2 per cell requested, 0 completed in every cell; 2 of 12 jobs done" in text
+    assert "- Trials: 2 per cell requested, 0 completed in every cell, 20 in the spec; 2 of 12 jobs done" in text
+    assert "(0 of 20 trials)" in text.splitlines()[1] and "not the paper's" not in text
     doc = json.loads(md.with_suffix(".json").read_text())
     assert len(doc["cells"]) == 24 and doc["provenance"]["datasets"] == ["cifar10"]
     assert doc["profile"] == "paper" and doc["higher_is_better"] is False
@@ -156,11 +188,12 @@ def test_index_statuses(tmp_path):
         "q/extra": TableState(trials=1, completed=1, jobs=1, done=1),
     }
     files.write_text(tmp_path / "p" / "full.md", "x")
-    # A committed leaderboard whose runs are not on this disk: the index reads its provenance.
+    # A committed leaderboard whose runs are not on this disk: the index reads its provenance,
+    # and counts its trials against the spec's 20, not the 3 the run asked for.
     files.write_text(tmp_path / "p" / "idle.md", "x")
     files.write_json(tmp_path / "p" / "idle.json", {"provenance": {
-        "profile": "cpu", "datasets": ["digits"], "trials": {"requested": 3, "completed": 2},
-        "jobs": {"requested": 12, "completed": 10}}})
+        "profile": "cpu", "datasets": ["digits"], "trials": {"requested": 3, "completed": 3, "spec": 20},
+        "jobs": {"requested": 12, "completed": 12}}})
     files.write_text(tmp_path / "p" / "half.md", "x")
     files.write_json(tmp_path / "p" / "half.json", {"provenance": {
         "profile": "cpu", "datasets": ["digits"], "trials": {"requested": 3, "completed": 3},
@@ -168,11 +201,56 @@ def test_index_statuses(tmp_path):
     text = render_index(tmp_path, catalogue, states).read_text()
     assert "## p: Paper P" in text
     assert "| p/absent | no spec yet | not implemented |  |  |" in text
-    assert "| p/idle | spec, no runs | 2/3 trials | 10/12 | [p/idle.md](p/idle.md) (profile cpu, digits) |" in text
+    # No spec of p/idle exists and its leaderboard has no job hashes: nothing vouches for it.
+    assert ("| p/idle | spec, no runs | 3/20 trials, **stale** (rendered without job hashes, so not "
+            "checkable against the configs) | 12/12 | [p/idle.md](p/idle.md) (profile cpu, digits) |") in text
     # Runs on disk win over what a leaderboard file says.
-    assert "| p/half | some runs | 3/20 trials | 10/40 | [p/half.md](p/half.md) |" in text
+    assert "| p/half | some runs | 3/20 trials, **stale** " in text
     assert "| p/full | all runs \\| piped | done | 40/40 | [p/full.md](p/full.md) |" in text
     assert "## Other tables" in text and "| q/extra |  | done | 1/1 |  |" in text
+
+
+def test_status_counts_the_spec_trials_and_every_row():
+    """3 of 20 trials is not done, and neither is a run of some rows with one trial."""
+    assert TableState(trials=3, completed=3, jobs=12, done=12, spec_trials=20).status == "3/20 trials"
+    assert TableState(trials=20, completed=20, jobs=40, done=40, spec_trials=20).status == "done"
+    spec = load_table("demo/digits")
+    jobs = expand(spec, trials=1, rows=["none", "synthetic"])
+    results = {j.hash: fake_result(j, 80.0) for j in jobs}
+    state = table_state(aggregate(spec, jobs, results), spec.trials)
+    assert (state.jobs, state.done) == (2, 2)
+    assert state.status == f"0/{spec.trials} trials"
+
+
+def _render_demo(configs: Path, runs: Path, boards: Path) -> str:
+    """Render demo/digits from fake results of its current jobs, then the index."""
+    spec = load_table("demo/digits")
+    jobs = expand(spec)
+    results = {j.hash: fake_result(j, 60.0 + j.trial) for j in jobs}
+    render_table(spec, aggregate(spec, jobs, results), results, boards, spec.profile)
+    return render_all(boards, runs, tables=[]) and (boards / "README.md").read_text()
+
+
+def test_index_marks_a_leaderboard_stale_when_its_config_changes(tmp_path, monkeypatch):
+    import shutil
+
+    from poisonbench.bench.spec import configs_dir
+
+    configs = tmp_path / "configs"
+    shutil.copytree(configs_dir(), configs)
+    monkeypatch.setenv("POISONBENCH_CONFIGS", str(configs))
+    boards = tmp_path / "boards"
+    text = _render_demo(configs, tmp_path / "runs", boards)
+    row = next(line for line in text.splitlines() if line.startswith("| demo/digits |"))
+    assert "stale" not in row and "[demo/digits.md]" in row
+    # An edit that reaches every job (the demo's training recipe) leaves the leaderboard's numbers
+    # belonging to jobs the configs no longer make.
+    table = configs / "tables" / "demo" / "digits.yaml"
+    table.write_text(table.read_text().replace("defaults: {dataset: digits, model: small_cnn}",
+                                               "defaults: {dataset: digits, model: small_cnn, ratio: 0.5}"))
+    text = render_all(boards, tmp_path / "runs", tables=[]) and (boards / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| demo/digits |"))
+    assert "**stale** (15 of 15 jobs no longer match the configs)" in row
 
 
 def test_render_all_end_to_end(tmp_path):
@@ -188,3 +266,18 @@ def test_render_all_end_to_end(tmp_path):
     assert "| robuster/sec5_4 |" in readme and "not implemented" in readme
     assert not (tmp_path / "boards" / "shortcuts" / "table3.md").exists()  # no results, no leaderboard
     assert "51.00 ± 0.58 (n=3)" in (tmp_path / "boards" / "demo" / "digits.md").read_text()
+
+
+def test_best_of_column_says_its_error_ignores_the_selection(tmp_path):
+    spec = load_table("shortcuts/table4")
+    row = spec.rows[0].id
+    jobs = expand(spec, trials=2, rows=[row])
+    means = {"at_eps2": 40.0, "at_eps4": 60.0, "at_eps8": 50.0}
+    results = {j.hash: fake_result(j, means[j.column] + j.trial) for j in jobs if j.column in means}
+    cells = aggregate(spec, jobs, results)
+    best = next(c for c in cells if c.column == "adversarial_training")
+    assert best.mean == pytest.approx(60.5) and best.chosen and best.derived
+    text = render_table(spec, cells, results, tmp_path, "paper").read_text()
+    assert f"[{best.chosen}]" in text
+    assert "its ± is the standard error of that selected column alone, which ignores the selection" in text
+    assert "## Notes" in text and "README command starts from zero" in text  # the spec's deviations

@@ -13,7 +13,7 @@ import torch
 
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
-from poisonbench.errors import PoisonStoreError
+from poisonbench.errors import ConfigError, PoisonStoreError
 
 # Rows converted per chunk: bounds the int16/float temporaries to a few hundred MB
 # even for the 50,000 × 3,072 perturbations of a whole CIFAR-10 store.
@@ -61,3 +61,42 @@ def clean_features(base: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     for rows in torch.split(torch.arange(len(base)), CHUNK):
         out[rows] = base.images[rows].flatten(1).to(torch.float32) / 255
     return out, base.labels.clone()
+
+
+# The paper's ratio of samples to dimensions: CIFAR-10's 50,000 training images of
+# 3,072 dimensions. With fewer samples than dimensions every labelling is linearly
+# separable (900 digits in 3,072 dimensions: clean images and noise with shuffled labels
+# both fit 100 %), so the probe would measure nothing; projecting to N·3,072/50,000
+# dimensions gives a small set the paper's headroom. CIFAR-10 itself keeps all 3,072.
+PAPER_SAMPLES, PAPER_DIMS = 50_000, 3_072
+PROJECTIONS = ("none", "random", "pca")
+
+
+def ratio_dims(n: int, d: int) -> int:
+    """Dimensions that give ``n`` samples the paper's samples-per-dimension ratio, at most ``d``."""
+    return max(1, min(d, round(n * PAPER_DIMS / PAPER_SAMPLES)))
+
+
+def project(x: torch.Tensor, method: str, dims: int | None = None, seed: int = 0) -> torch.Tensor:
+    """``x`` [N, D] projected to ``dims`` columns (default ``ratio_dims(N, D)``).
+
+    ``random``: a Gaussian matrix drawn from ``seed`` on the CPU, scaled by 1/√dims
+    (Johnson–Lindenstrauss: lengths and angles kept in expectation), the same for every
+    row of a table, so rows differ only in their features. ``pca``: the top principal
+    directions of ``x`` itself. ``none`` or ``dims >= D`` returns ``x`` unchanged.
+    """
+    if method not in PROJECTIONS:
+        raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}; got {method!r}")
+    n, d = x.shape
+    dims = ratio_dims(n, d) if dims is None else dims
+    if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
+        raise ConfigError(f"projection dims must be a positive integer; got {dims!r}")
+    if method == "none" or dims >= d:
+        return x
+    if method == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        matrix = torch.randn(d, dims, generator=gen, dtype=torch.float32) / dims ** 0.5
+        return x.to(torch.float32) @ matrix
+    centred = x.to(torch.float64) - x.to(torch.float64).mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ v[:dims].T).to(torch.float32)

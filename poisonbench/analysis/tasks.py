@@ -8,7 +8,11 @@ analyses the clean images themselves, the paper's "Clean Data" baseline.
 
 ``task_params``:
 - ``separability``: ``probe`` (linear | two_layer) and any other ``ProbeParams`` field;
-  the metric is the probe's training accuracy in percent (``probe_acc``).
+  ``projection`` (none | random | pca) and ``dims`` (default: the paper's ratio of
+  samples to dimensions, ``features.ratio_dims``) project the unit rows first;
+  ``shuffle_labels`` permutes the labels with a fixed seed (the control row: the same
+  perturbations without their class structure). The metric is the probe's training
+  accuracy in percent (``probe_acc``); ``probe_dims`` is the dimension it was fitted in.
 - ``tsne``: ``classes`` (default the first three), ``max_points_per_class`` (500); the
   job writes ``tsne.png`` and its metric is the number of embedded points (``points``).
 """
@@ -20,15 +24,17 @@ from pathlib import Path
 
 import torch
 
-from poisonbench.analysis.features import clean_features, perturbations
+from poisonbench.analysis.features import clean_features, perturbations, ratio_dims
 from poisonbench.analysis.probe import ProbeParams, separability
 from poisonbench.analysis.tsne import tsne_figure
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 from poisonbench.errors import ConfigError
 
+SHUFFLE_SEED = 0  # one permutation for every trial: trials differ in the probe's init only
 TASK_KEYS = {
-    "separability": {"probe"} | {f.name for f in dataclasses.fields(ProbeParams)} - {"kind"},
+    "separability": ({"probe", "projection", "dims", "shuffle_labels"}
+                     | {f.name for f in dataclasses.fields(ProbeParams)} - {"kind"}),
     "tsne": {"classes", "max_points_per_class"},
 }
 
@@ -56,12 +62,22 @@ def run_task(config: dict, base: ImageSet, store: PoisonStore, job_dir: Path, se
     start = time.perf_counter()
     if task == "separability":
         kind = params.pop("probe", "linear")
+        projection, dims = params.pop("projection", "none"), params.pop("dims", None)
+        shuffle = params.pop("shuffle_labels", False)
+        if not isinstance(shuffle, bool):
+            raise ConfigError(f"task_params.shuffle_labels must be true or false; got {shuffle!r}")
+        if shuffle:
+            labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(SHUFFLE_SEED))]
+            what += ", labels shuffled"
         if fast:
             params = {**params, "steps": 1, "iters_per_step": 2}
         probe = ProbeParams(kind=kind, **params)
-        acc = separability(features, labels, base.num_classes, kind=kind, seed=seed, params=probe)
-        return ({"probe_acc": acc}, {"analysis_s": round(time.perf_counter() - start, 3)},
-                {"analysed": what})
+        acc = separability(features, labels, base.num_classes, kind=kind, seed=seed, params=probe,
+                           projection=projection, dims=dims)
+        n, d = features.shape
+        fitted_dims = d if projection == "none" else min(d, ratio_dims(n, d) if dims is None else dims)
+        return ({"probe_acc": acc, "probe_dims": float(fitted_dims)},
+                {"analysis_s": round(time.perf_counter() - start, 3)}, {"analysed": what})
     if task == "tsne":
         classes = tuple(params.get("classes", (0, 1, 2)))
         path = job_dir / "tsne.png"

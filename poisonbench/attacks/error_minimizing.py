@@ -20,6 +20,10 @@ Deviations, written down here and in the tables' notes:
   run identical to an uninterrupted one.
 - ``max_rounds`` caps the rounds (the authors loop until the stop criterion holds).
 - the authors' ``stop_error`` is the error rate; here it is ``stop_accuracy`` = 100·(1 − error).
+- δ starts uniform in [−ε, ε] (drawn from the seed's own generator); the authors' README
+  command starts it at zero. Not a parameter with their default: that default would
+  change every store crafted so far, the cpu profile's demo and shortcuts results
+  included, under their unchanged cache keys. The tables' notes say so.
 
 Several ranks (``ranks="invariant"``: the store does not depend on their number, so
 it keeps the one-device cache key). The expensive part is the PGD over all n samples

@@ -4,6 +4,11 @@ Reads result dicts only (STYLE.md convention 8): no torch, no training code. The
 error is the sample standard deviation (ddof = 1) over sqrt(n), as DomainBed's
 ``collect_results`` and the papers' "mean ± s.e.m." tables report; with one trial
 there is no error (None), with none there is no mean.
+
+A cell is compared with the paper (Δ) only when its run had the paper's setting: the
+dataset and model that the spec itself names for the cell, before any profile
+override (the cpu profile moves every shortcuts table to digits and the small CNN,
+where the paper's CIFAR-10 value is context, not a target).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from poisonbench.bench.jobs import Job
 from poisonbench.bench.tables import TableSpec
+from poisonbench.schema.job_config import DEFAULTS
 from poisonbench.errors import JobError
 
 
@@ -42,11 +48,21 @@ class CellResult:
     curve: Curve | None = None  # kind: curves only
     chosen: str | None = None  # best_of columns: the name of the column whose mean was best
     files: tuple[str, ...] = ()  # kind: figure: the figure of each trial with a result
+    # (dataset, model) the cell ran with and the one the paper's value was measured in;
+    # model is None for analysis tasks, which train no model.
+    setting: tuple[str, str | None] | None = None
+    paper_setting: tuple[str, str | None] | None = None
+    derived: bool = False  # a best_of column's cell: no jobs of its own
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the run's setting is the paper's (unknown settings count as the paper's)."""
+        return self.setting is None or self.paper_setting is None or self.setting == self.paper_setting
 
     @property
     def diff(self) -> float | None:
-        """Reproduced minus paper, when both exist."""
-        if self.mean is None or self.reference is None:
+        """Reproduced minus paper, when both exist and the run had the paper's setting."""
+        if self.mean is None or self.reference is None or not self.comparable:
             return None
         return self.mean - self.reference
 
@@ -56,18 +72,19 @@ class TableState:
     """How far a table's runs are, for the leaderboard index."""
 
     trials: int  # requested per cell
-    completed: int  # trials that every requested cell has
+    completed: int  # trials that every cell of the table has
     jobs: int
     done: int
+    spec_trials: int = 0  # what the spec asks for; a table is done only when every cell has them
 
     @property
     def status(self) -> str:
-        """``not run``, ``n/N trials`` or ``done``."""
+        """``not run``, ``n/N trials`` (N the larger of the run's and the spec's count) or ``done``."""
         if self.done == 0:
             return "not run"
-        if self.done >= self.jobs:
+        if self.done >= self.jobs and self.completed >= self.spec_trials:
             return "done"
-        return f"{self.completed}/{self.trials} trials"
+        return f"{self.completed}/{max(self.trials, self.spec_trials)} trials"
 
 
 def mean_sem(values: Iterable[float]) -> tuple[float | None, float | None, int]:
@@ -98,6 +115,7 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
             done = [(job, results[job.hash]) for job in cell_jobs if job.hash in results]
             values = tuple(_metric(spec, job, result) for job, result in done)
             mean, sem, n = mean_sem(values)
+            settings = {_setting(r.get("config") or {}) for _, r in done} or {_setting(j.config) for j in cell_jobs}
             curve = _curve(spec, done) if spec.kind == "curves" else None
             figures = tuple(str((r.get("files") or {}).get("figure")) for _, r in done
                             if (r.get("files") or {}).get("figure"))
@@ -105,6 +123,8 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
                 row=row.id, column=column.id, row_name=row.name, column_name=column.name,
                 reference=row.reference.get(column.id), trials=len(cell_jobs), n=n,
                 mean=mean, sem=sem, values=values, curve=curve, files=figures,
+                setting=_one_setting(settings),
+                paper_setting=paper_setting(spec, row.id, column.id), derived=bool(column.best_of),
             ))
     return [_best_of(spec, cell, cells) for cell in cells]
 
@@ -122,18 +142,53 @@ def _best_of(spec: TableSpec, cell: CellResult, cells: list[CellResult]) -> Cell
     return CellResult(
         row=cell.row, column=cell.column, row_name=cell.row_name, column_name=cell.column_name,
         reference=cell.reference, trials=0, n=best.n, mean=best.mean, sem=best.sem,
-        values=best.values, chosen=best.column_name,
+        values=best.values, chosen=best.column_name, setting=best.setting,
+        paper_setting=cell.paper_setting, derived=True,
     )
 
 
-def table_state(cells: Iterable[CellResult]) -> TableState:
-    """Trials and jobs requested and completed over the cells that were asked for."""
+def paper_setting(spec: TableSpec, row: str, column: str) -> tuple[str, str | None]:
+    """(dataset, model) of a cell as the spec itself writes it, without a profile: the
+    setting of the paper's value."""
+    config: dict[str, Any] = {"dataset": DEFAULTS["dataset"], "model": DEFAULTS["model"], "task": DEFAULTS["task"]}
+    row_spec = next(r for r in spec.rows if r.id == row)
+    column_spec = next(c for c in spec.columns if c.id == column)
+    for layer in (spec.defaults, column_spec.set, row_spec.set, row_spec.cells.get(column, {})):
+        config.update({k: layer[k] for k in ("dataset", "model", "task") if k in layer})
+    return _setting(config)
+
+
+def _setting(config: Mapping[str, Any]) -> tuple[str, str | None]:
+    task = config.get("task", DEFAULTS["task"])
+    model = config.get("model", DEFAULTS["model"]) if task == "train" else None
+    return str(config.get("dataset", DEFAULTS["dataset"])), None if model is None else str(model)
+
+
+def _one_setting(settings: set[tuple[str, str | None]]) -> tuple[str, str | None] | None:
+    if not settings:
+        return None
+    # Results of two settings in one cell (two profiles' runs) match no paper setting.
+    return next(iter(settings)) if len(settings) == 1 else ("mixed", None)
+
+
+def describe_setting(setting: tuple[str, str | None]) -> str:
+    """``small_cnn on digits``, or ``digits`` for an analysis without a model."""
+    dataset, model = setting
+    return dataset if model is None else f"{model} on {dataset}"
+
+
+def table_state(cells: Iterable[CellResult], spec_trials: int = 0) -> TableState:
+    """Trials and jobs requested and completed. ``completed`` counts over every cell
+    with jobs of its own, asked for or not, so a run of some rows leaves the table
+    unfinished; ``spec_trials`` is the spec's count, below which it is not done."""
+    cells = [c for c in cells if not c.derived]
     asked = [c for c in cells if c.trials > 0]
     return TableState(
         trials=max((c.trials for c in asked), default=0),
-        completed=min((c.n for c in asked), default=0),
+        completed=min((c.n for c in cells), default=0),
         jobs=sum(c.trials for c in asked),
         done=sum(c.n for c in asked),
+        spec_trials=spec_trials,
     )
 
 

@@ -193,7 +193,7 @@ def write_leaderboard(p: Plan, *, wandb: bool = False, console: Console | None =
         table = [line for line in path.read_text().splitlines() if line.startswith("|")]
         console.print(f"{p.spec.title} (profile {profile})", style="bold", markup=False)
         console.print("\n".join(table), markup=False, highlight=False)
-        console.print(f"{p.spec.id}: {table_state(cells).status} → {path}")
+        console.print(f"{p.spec.id}: {table_state(cells, p.spec.trials).status} → {path}")
     if wandb:
         from poisonbench.tracking import log_leaderboard
 

@@ -2,14 +2,17 @@
 
     .venv/bin/python tests/golden/regenerate.py
 
-Writes fake results for the frozen demo/digits spec (tests/golden/configs, 2 trials)
-into tests/golden/runs/demo/digits/<hash>/result.json, renders them and copies the
-.md, .csv and .json into tests/golden/leaderboards/demo/. Run it only when a change
-of the leaderboard format is intended, and review the diff of the golden files.
+Writes fake results for the frozen specs (tests/golden/configs, 2 trials) into
+tests/golden/runs/<table>/<hash>/result.json, renders them and copies the .md, .csv
+and .json into tests/golden/leaderboards/<paper>/. Run it only when a change of the
+leaderboard format is intended, and review the diff of the golden files.
 
-The results cover every case a leaderboard shows: a full cell (2 of 2 trials), a
-cell with one trial (no error bar) and a cell that was not run; time stamps with
-different UTC offsets, where the lexicographically largest one is not the latest.
+demo/digits runs in its paper's setting (its spec names digits and the small CNN), so
+it has a Δ column; shortcuts/table2 names CIFAR-10 and ResNet-18 but the cpu profile
+runs it on digits, so its title names the setting and it has no Δ. The results cover
+every case a leaderboard shows: a full cell (2 of 2 trials), a cell with one trial (no
+error bar) and a cell that was not run; time stamps with different UTC offsets, where
+the lexicographically largest one is not the latest.
 """
 from __future__ import annotations
 
@@ -23,16 +26,24 @@ GOLDEN = Path(__file__).resolve().parent
 CONFIGS = GOLDEN / "configs"
 RUNS = GOLDEN / "runs"
 LEADERBOARDS = GOLDEN / "leaderboards"
-TABLE = "demo/digits"
 TRIALS = 2
 SUFFIXES = (".md", ".csv", ".json")  # the PNG is checked for existence only
 
-# (row, trial) -> (test_acc, finished_at); other jobs have no result.
+# table -> (row, trial) -> (test_acc, finished_at); other jobs have no result.
 FAKE = {
-    ("none", 0): (93.5, "2026-11-21T12:00:00+00:00"),
-    ("none", 1): (92.0, "2026-11-21T13:00:00+02:00"),  # 11:00 UTC: largest text, not latest
-    ("random_noise", 0): (41.25, "2026-11-21T12:10:00+00:00"),  # the latest
+    "demo/digits": {
+        ("none", 0): (93.5, "2026-11-21T12:00:00+00:00"),
+        ("none", 1): (92.0, "2026-11-21T13:00:00+02:00"),  # 11:00 UTC: largest text, not latest
+        ("random_noise", 0): (41.25, "2026-11-21T12:10:00+00:00"),  # the latest
+    },
+    "shortcuts/table2": {
+        ("none", 0): (86.5, "2026-11-22T09:00:00+00:00"),
+        ("none", 1): (88.0, "2026-11-22T09:30:00+00:00"),
+        ("random_noise", 0): (85.25, "2026-11-22T10:00:00+00:00"),
+        ("random_noise", 1): (87.75, "2026-11-22T10:30:00+00:00"),
+    },
 }
+TABLES = tuple(FAKE)
 
 
 def fake_result(job, test_acc: float, finished_at: str) -> dict:
@@ -50,20 +61,21 @@ def fake_result(job, test_acc: float, finished_at: str) -> dict:
         "metrics": {"test_acc": test_acc, "train_acc": 99.0},
         "curves": {"epoch": [1, 2], "test_acc": [test_acc / 2, test_acc]},
         "timings": {"craft_s": 0.5, "train_s": 10.0},
-        "hardware": {"device": "cpu", "name": "golden-cpu", "count": 1},
-        "versions": {"poisonbench": "0.1.0", "commit": "0123abc", "torch": "2.5.0", "lightning": "2.4.0"},
+        "hardware": {"device": "cpu", "name": "golden-cpu", "count": 1, "threads": 2},
+        "versions": {"poisonbench": "0.1.0", "commit": "0123abc", "torch": "2.5.0", "lightning": "2.4.0",
+                     "numpy": "2.1.0"},
         "finished_at": finished_at,
     }
 
 
-def render(out_dir: Path) -> Path:
-    """Render the golden results into ``out_dir`` exactly as the golden test does."""
+def render(table: str, out_dir: Path) -> Path:
+    """Render the golden results of ``table`` into ``out_dir`` exactly as the golden test does."""
     from poisonbench.bench.aggregate import aggregate
     from poisonbench.bench.jobs import expand, read_results
     from poisonbench.bench.render import render_table
     from poisonbench.bench.tables import load_table
 
-    spec = load_table(TABLE)
+    spec = load_table(table)
     jobs = expand(spec, trials=TRIALS)
     results = read_results(jobs, RUNS)
     return render_table(spec, aggregate(spec, jobs, results), results, out_dir, spec.profile)
@@ -75,17 +87,18 @@ def main() -> None:
     from poisonbench.bench.jobs import expand
     from poisonbench.bench.tables import load_table
 
-    shutil.rmtree(RUNS / TABLE, ignore_errors=True)
-    for job in expand(load_table(TABLE), trials=TRIALS):
-        if (job.row, job.trial) in FAKE:
-            files.write_json(job.dir(RUNS) / "result.json", fake_result(job, *FAKE[job.row, job.trial]))
-    with tempfile.TemporaryDirectory() as tmp:
-        md = render(Path(tmp))
-        target = LEADERBOARDS / Path(TABLE).parent
-        target.mkdir(parents=True, exist_ok=True)
-        for suffix in SUFFIXES:
-            shutil.copyfile(md.with_suffix(suffix), target / (Path(TABLE).name + suffix))
-    print(f"wrote {RUNS / TABLE} and {LEADERBOARDS / TABLE}.{{md,csv,json}}", file=sys.stderr)
+    for table, fake in FAKE.items():
+        shutil.rmtree(RUNS / table, ignore_errors=True)
+        for job in expand(load_table(table), trials=TRIALS):
+            if (job.row, job.trial) in fake:
+                files.write_json(job.dir(RUNS) / "result.json", fake_result(job, *fake[job.row, job.trial]))
+        with tempfile.TemporaryDirectory() as tmp:
+            md = render(table, Path(tmp))
+            target = LEADERBOARDS / Path(table).parent
+            target.mkdir(parents=True, exist_ok=True)
+            for suffix in SUFFIXES:
+                shutil.copyfile(md.with_suffix(suffix), target / (Path(table).name + suffix))
+        print(f"wrote {RUNS / table} and {LEADERBOARDS / table}.{{md,csv,json}}", file=sys.stderr)
 
 
 if __name__ == "__main__":
