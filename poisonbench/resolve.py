@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from poisonbench.analysis.tasks import TASK_KEYS
-from poisonbench.analysis.probe import ProbeParams
+from poisonbench.analysis.tasks import check_task_params
 from poisonbench.attacks import ATTACKS
 from poisonbench.data import DATASETS
 from poisonbench.defenses import DEFENSES
 from poisonbench.errors import ConfigError
 from poisonbench.models.factory import check_model
-from poisonbench.params import parse_params
 
 
 def check_job(config: Mapping, where: str) -> None:
@@ -33,18 +31,6 @@ def check_job(config: Mapping, where: str) -> None:
         if config.get("fast_dev_run") and config["attack"] != "none":
             attack.params({**params, **attack.smoke})
         DEFENSES.get(config.get("defense") or "none").parse_params(config.get("defense_params"))
-        _check_task(config.get("task", "train"), dict(config.get("task_params") or {}))
+        check_task_params(config.get("task", "train"), dict(config.get("task_params") or {}))
     except ConfigError as err:
         raise type(err)(f"{where}: {err}") from None
-
-
-def _check_task(task: str, params: dict) -> None:
-    if task == "train":
-        return
-    unknown = sorted(set(params) - TASK_KEYS.get(task, set()))
-    if unknown:
-        allowed = ", ".join(sorted(TASK_KEYS.get(task, set())))
-        raise ConfigError(f"unknown task_params {unknown[0]!r} for task {task!r}; allowed: {allowed}")
-    if task == "separability":  # what analysis.tasks builds from them
-        probe = {k: v for k, v in params.items() if k != "probe"}
-        parse_params(ProbeParams, {"kind": params.get("probe", "linear"), **probe}, f"task {task!r}", "task_params")

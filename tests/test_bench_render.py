@@ -234,7 +234,7 @@ def _render_demo(configs: Path, runs: Path, boards: Path) -> str:
 def test_index_marks_a_leaderboard_stale_when_its_config_changes(tmp_path, monkeypatch):
     import shutil
 
-    from poisonbench.bench.spec import configs_dir
+    from poisonbench.bench.catalogue import configs_dir
 
     configs = tmp_path / "configs"
     shutil.copytree(configs_dir(), configs)

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from poisonbench.analysis.features import clean_features, perturbations, ratio_dims
+from poisonbench.analysis.features import PROJECTIONS, clean_features, perturbations, ratio_dims
 from poisonbench.analysis.probe import ProbeParams, separability
 from poisonbench.analysis.tsne import tsne_figure
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 from poisonbench.errors import ConfigError
+from poisonbench.params import parse_params
 
 SHUFFLE_SEED = 0  # one permutation for every trial: trials differ in the probe's init only
 TASK_KEYS = {
@@ -37,6 +38,29 @@ TASK_KEYS = {
                      | {f.name for f in dataclasses.fields(ProbeParams)} - {"kind"}),
     "tsne": {"classes", "max_points_per_class"},
 }
+
+
+def check_task_params(task: str, params: dict) -> None:
+    """``ConfigError`` (one sentence) unless ``params`` are valid ``task_params`` of ``task``:
+    checked before any work, at plan time (``poisonbench.resolve``) and in the job."""
+    if task == "train":
+        return
+    unknown = sorted(set(params) - TASK_KEYS.get(task, set()))
+    if unknown:
+        allowed = ", ".join(sorted(TASK_KEYS.get(task, set())))
+        raise ConfigError(f"unknown task_params {', '.join(map(repr, unknown))} for task {task!r}; allowed: {allowed}")
+    if task != "separability":
+        return
+    if params.get("projection", "none") not in PROJECTIONS:
+        raise ConfigError(f"task_params.projection must be one of {', '.join(PROJECTIONS)}; "
+                          f"got {params['projection']!r}")
+    dims = params.get("dims")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        raise ConfigError(f"task_params.dims must be a positive integer; got {dims!r}")
+    if not isinstance(params.get("shuffle_labels", False), bool):
+        raise ConfigError(f"task_params.shuffle_labels must be true or false; got {params['shuffle_labels']!r}")
+    probe = {k: v for k, v in params.items() if k not in ("probe", "projection", "dims", "shuffle_labels")}
+    parse_params(ProbeParams, {"kind": params.get("probe", "linear"), **probe}, f"task {task!r}", "task_params")
 
 
 def analysed(store: PoisonStore, base: ImageSet) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -52,10 +76,7 @@ def run_task(config: dict, base: ImageSet, store: PoisonStore, job_dir: Path, se
              fast: bool = False) -> tuple[dict, dict, dict]:
     """(metrics, timings, files) of the analysis ``config["task"]``."""
     task, params = config["task"], dict(config.get("task_params") or {})
-    unknown = sorted(set(params) - TASK_KEYS.get(task, set()))
-    if unknown:
-        allowed = ", ".join(sorted(TASK_KEYS.get(task, set())))
-        raise ConfigError(f"unknown task_params {', '.join(map(repr, unknown))} for task {task!r}; allowed: {allowed}")
+    check_task_params(task, params)
     features, labels, what = analysed(store, base)
     if fast:  # --fast-dev-run: the same path on a handful of samples
         features, labels = features[:64], labels[:64]
@@ -63,10 +84,7 @@ def run_task(config: dict, base: ImageSet, store: PoisonStore, job_dir: Path, se
     if task == "separability":
         kind = params.pop("probe", "linear")
         projection, dims = params.pop("projection", "none"), params.pop("dims", None)
-        shuffle = params.pop("shuffle_labels", False)
-        if not isinstance(shuffle, bool):
-            raise ConfigError(f"task_params.shuffle_labels must be true or false; got {shuffle!r}")
-        if shuffle:
+        if params.pop("shuffle_labels", False):
             labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(SHUFFLE_SEED))]
             what += ", labels shuffled"
         if fast:

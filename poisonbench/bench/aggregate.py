@@ -1,9 +1,10 @@
-"""Aggregation over trials: mean, standard error of the mean and n per cell.
+"""Aggregation over trials: mean, error and n per cell, for every metric a table shows.
 
-Reads result dicts only (STYLE.md convention 8): no torch, no training code. The
-error is the sample standard deviation (ddof = 1) over sqrt(n), as DomainBed's
-``collect_results`` and the papers' "mean ± s.e.m." tables report; with one trial
-there is no error (None), with none there is no mean.
+Reads result dicts only (STYLE.md convention 8): no torch, no training code. Each
+metric's error follows its own model (``poisonbench.metrics``): accuracies are mean ±
+the standard error of the mean (ddof = 1, as DomainBed's ``collect_results`` and the
+papers' tables report; none with one trial); poison success is binomial, with the
+robuster paper's 0.25/sqrt(n) where every trial agrees.
 
 A cell is compared with the paper (Δ) only when its run had the paper's setting: the
 dataset and model that the spec itself names for the cell, before any profile
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from poisonbench.bench.jobs import Job
+from poisonbench.metrics import METRICS, summarize
 from poisonbench.bench.tables import TableSpec
 from poisonbench.schema.job_config import DEFAULTS
 from poisonbench.errors import JobError
@@ -53,6 +55,9 @@ class CellResult:
     setting: tuple[str, str | None] | None = None
     paper_setting: tuple[str, str | None] | None = None
     derived: bool = False  # a best_of column's cell: no jobs of its own
+    reference_error: float | None = None  # the paper's printed error, where given
+    # the table's other metrics: (metric, mean, error, n, paper value)
+    extra: tuple[tuple[str, float | None, float | None, int, float | None], ...] = ()
 
     @property
     def comparable(self) -> bool:
@@ -98,6 +103,12 @@ def mean_sem(values: Iterable[float]) -> tuple[float | None, float | None, int]:
     return mean, sem, n
 
 
+def summary(metric: str, values: Iterable[float]) -> tuple[float | None, float | None, int]:
+    """(mean, error, n) under the metric's own error model (``poisonbench.metrics``);
+    a metric outside the registry is summarised as mean ± standard error of the mean."""
+    return summarize(METRICS.get(metric), values) if metric in METRICS else mean_sem(values)
+
+
 def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mapping[str, Any]]) -> list[CellResult]:
     """One ``CellResult`` per (row, column) of the spec, in spec order.
 
@@ -113,8 +124,10 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
         for column in spec.columns:
             cell_jobs = sorted(by_cell.get((row.id, column.id), []), key=lambda j: j.trial)
             done = [(job, results[job.hash]) for job in cell_jobs if job.hash in results]
-            values = tuple(_metric(spec, job, result) for job, result in done)
-            mean, sem, n = mean_sem(values)
+            values = tuple(_metric(spec.metric, job, result) for job, result in done)
+            mean, sem, n = summary(spec.metric, values)
+            extra = tuple((m, *summary(m, [_metric(m, job, result) for job, result in done]),
+                           row.reference_extra.get(column.id, {}).get(m)) for m in spec.extra_metrics)
             settings = {_setting(r.get("config") or {}) for _, r in done} or {_setting(j.config) for j in cell_jobs}
             curve = _curve(spec, done) if spec.kind == "curves" else None
             figures = tuple(str((r.get("files") or {}).get("figure")) for _, r in done
@@ -125,6 +138,7 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
                 mean=mean, sem=sem, values=values, curve=curve, files=figures,
                 setting=_one_setting(settings),
                 paper_setting=paper_setting(spec, row.id, column.id), derived=bool(column.best_of),
+                reference_error=row.reference_error.get(column.id), extra=extra,
             ))
     return [_best_of(spec, cell, cells) for cell in cells]
 
@@ -192,17 +206,17 @@ def table_state(cells: Iterable[CellResult], spec_trials: int = 0) -> TableState
     )
 
 
-def _metric(spec: TableSpec, job: Job, result: Mapping[str, Any]) -> float:
+def _metric(metric: str, job: Job, result: Mapping[str, Any]) -> float:
     metrics = result.get("metrics")
-    if not isinstance(metrics, Mapping) or spec.metric not in metrics:
+    if not isinstance(metrics, Mapping) or metric not in metrics:
         known = ", ".join(sorted(metrics)) if isinstance(metrics, Mapping) else "none"
         raise JobError(
-            f"result of job {job.hash} ({job.label}) has no metric {spec.metric!r}; metrics: {known}"
+            f"result of job {job.hash} ({job.label}) has no metric {metric!r}; metrics: {known}"
         )
-    value = metrics[spec.metric]
+    value = metrics[metric]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise JobError(
-            f"metric {spec.metric!r} of job {job.hash} ({job.label}) must be a number; got {value!r}"
+            f"metric {metric!r} of job {job.hash} ({job.label}) must be a number; got {value!r}"
         )
     return float(value)
 

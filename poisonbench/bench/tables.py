@@ -31,7 +31,7 @@ POISON_SEEDS = ("fixed", "per_trial")
 NO_COLUMN = "value"  # the one column of a table without ``columns``
 
 _TABLE_KEYS = (
-    "id", "paper", "title", "notes", "metric", "metric_name", "higher_is_better", "kind",
+    "id", "paper", "title", "notes", "metric", "metrics", "metric_name", "higher_is_better", "kind",
     "profile", "trials", "poison_seed", "defaults", "columns", "rows",
 )
 _ROW_KEYS = ("id", "name", "notes", "set", "reference", "cells")
@@ -55,6 +55,12 @@ class RowSpec:
     name: str
     set: Mapping[str, Any] = field(default_factory=dict)
     reference: Mapping[str, float | None] = field(default_factory=dict)  # column id -> paper value
+    # column id -> the paper's printed error and trial count of that value, where given
+    reference_error: Mapping[str, float | None] = field(default_factory=dict)
+    reference_n: Mapping[str, int | None] = field(default_factory=dict)
+    # column id -> {metric: paper value} for the table's other metrics (robuster Table 2's
+    # validation accuracy beside poison success)
+    reference_extra: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     notes: str = ""
     # column id -> a set applied after the row's own, for what only one cell needs
     # (shortcuts Table 7: synthetic's ε' is 12 and 24 where the others' ε is 16 and 32).
@@ -91,6 +97,7 @@ class TableSpec:
     rows: tuple[RowSpec, ...]
     notes: str = ""
     path: Path | None = None
+    extra_metrics: tuple[str, ...] = ()  # shown beside the primary metric (``metrics:`` after the first)
 
     @property
     def name(self) -> str:
@@ -164,7 +171,13 @@ def _parse_table(data: dict[str, Any], path: Path, expected: str | None) -> Tabl
     where = f"table {table_id}"
 
     title = check_value(required(data, "title", where), str, f"title in {where}")
-    metric = check_value(data.get("metric", "test_acc"), str, f"metric in {where}")
+    if "metric" in data and "metrics" in data:
+        raise ConfigError(f"{where} sets both metric and metrics; write the primary metric first in metrics")
+    metrics = data.get("metrics", [data.get("metric", "test_acc")])
+    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
+        raise ConfigError(f"metrics in {where} must be a non-empty list of metric names; got {describe(metrics)}")
+    unique_ids(metrics, "metric", where)
+    metric = check_value(metrics[0], str, f"metric in {where}")
     kind = data.get("kind", "table")
     if kind not in KINDS:
         raise ConfigError(f"kind in {where} must be one of {', '.join(KINDS)}; got {describe(kind)}")
@@ -184,7 +197,8 @@ def _parse_table(data: dict[str, Any], path: Path, expected: str | None) -> Tabl
         raise ConfigError(f"rows in {where} must be a non-empty list; got {describe(rows_data)}")
     rows = []
     for i, row in enumerate(rows_data):
-        rows.append(_parse_row(row, i, where, column_ids, has_columns=data.get("columns") is not None))
+        rows.append(_parse_row(row, i, where, column_ids, has_columns=data.get("columns") is not None,
+                               metrics=metrics))
     unique_ids([r.id for r in rows], "row", where)
 
     return TableSpec(
@@ -197,7 +211,7 @@ def _parse_table(data: dict[str, Any], path: Path, expected: str | None) -> Tabl
         defaults=check_set(data.get("defaults") or {}, f"{where} defaults"),
         columns=tuple(columns), rows=tuple(rows),
         notes=check_value(data.get("notes", ""), str, f"notes in {where}"),
-        path=path,
+        path=path, extra_metrics=tuple(metrics[1:]),
     )
 
 
@@ -229,28 +243,50 @@ def _parse_columns(data: Any, where: str) -> list[ColumnSpec]:
     return columns
 
 
-def _parse_row(row: Any, index: int, where: str, column_ids: list[str], has_columns: bool) -> RowSpec:
+def _reference_value(value: Any, metrics: list[str], where: str) -> tuple[float | None, float | None,
+                                                                             int | None, dict[str, float]]:
+    """One cell's paper value: a number (or null), or a mapping ``{mean, error, n}`` for
+    the primary metric plus the table's other metrics by name (a number each)."""
+    if not isinstance(value, dict):
+        return number_or_none(value, where), None, None, {}
+    check_keys(value, ["mean", "error", "n", *metrics[1:]], where)
+    n = value.get("n")
+    if n is not None:
+        n = check_value(n, int, f"n in {where}")
+    extra = {m: check_value(value[m], float, f"{m} in {where}") for m in metrics[1:] if value.get(m) is not None}
+    return (number_or_none(value.get("mean"), f"mean in {where}"),
+            number_or_none(value.get("error"), f"error in {where}"), n, extra)
+
+
+def _is_value_mapping(ref: Any, metrics: list[str]) -> bool:
+    return isinstance(ref, dict) and bool(ref) and set(ref) <= {"mean", "error", "n", *metrics[1:]}
+
+
+def _parse_row(row: Any, index: int, where: str, column_ids: list[str], has_columns: bool,
+               metrics: list[str] | None = None) -> RowSpec:
+    metrics = metrics or ["test_acc"]
     rwhere = f"{where} row {index + 1}"
     check_keys(row, _ROW_KEYS, rwhere)
     rid = checked_name(required(row, "id", rwhere), "id", rwhere)
     rwhere = f"{where} row {rid!r}"
     ref = row.get("reference")
     if ref is None:
-        reference = {}
-    elif isinstance(ref, dict):
+        per_column = {}
+    elif isinstance(ref, dict) and not (not has_columns and _is_value_mapping(ref, metrics)):
         unknown = [k for k in ref if k not in column_ids]
         if unknown:
             raise ConfigError(
                 f"reference in {rwhere} names column {unknown[0]!r}; columns: {', '.join(column_ids)}"
             )
-        reference = {k: number_or_none(v, f"reference.{k} in {rwhere}") for k, v in ref.items()}
+        per_column = dict(ref)
     elif not has_columns:
-        reference = {NO_COLUMN: number_or_none(ref, f"reference in {rwhere}")}
+        per_column = {NO_COLUMN: ref}
     else:
         raise ConfigError(
             f"reference in {rwhere} must map column ids to numbers (the table has columns); "
             f"got {describe(ref)}"
         )
+    parsed = {k: _reference_value(v, metrics, f"reference.{k} in {rwhere}") for k, v in per_column.items()}
     cells = mapping(row.get("cells"), f"cells in {rwhere}")
     unknown = [k for k in cells if k not in column_ids]
     if unknown:
@@ -259,7 +295,10 @@ def _parse_row(row: Any, index: int, where: str, column_ids: list[str], has_colu
         id=rid,
         name=check_value(row.get("name", rid), str, f"name in {rwhere}"),
         set=check_set(row.get("set") or {}, f"{rwhere} set"),
-        reference=reference,
+        reference={k: v[0] for k, v in parsed.items()},
+        reference_error={k: v[1] for k, v in parsed.items() if v[1] is not None},
+        reference_n={k: v[2] for k, v in parsed.items() if v[2] is not None},
+        reference_extra={k: v[3] for k, v in parsed.items() if v[3]},
         notes=check_value(row.get("notes", ""), str, f"notes in {rwhere}"),
         cells={k: check_set(v or {}, f"{rwhere} cells.{k}") for k, v in cells.items()},
     )
