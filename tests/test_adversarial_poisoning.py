@@ -209,3 +209,16 @@ def test_victim_trains_an_epoch_on_digits_with_the_defense(digits):
     build_trainer(cfg, None).fit(module, datamodule=PoisonedDataModule(train, test, None, batch_size=128))
     assert defense.calls == -(-len(train.labels) // 128)  # every batch went through the defense
     assert module.curve and 0 <= module.curve[-1][1] <= 100
+
+
+# ------------------------------------------------------------------ make bench
+def test_bench_section_prints_the_cost_ratio(capsys):
+    from poisonbench.bench import speed
+
+    assert "adv_poisoning" in speed.SECTIONS
+    ratios = speed.bench_adversarial_poisoning([torch.device("cpu")], repeats=1, batch=4,
+                                               models={"small_cnn": {"pool": 1, "width": 4}}, params={"steps": 1})
+    out = capsys.readouterr().out
+    assert ratios["small_cnn cpu"] > 0
+    assert "adversarial_poisoning (gradient_matching, 1 step, p 0.75), small_cnn, cpu, batch 4:" in out
+    assert "s per defended step" in out and "ratio" in out
