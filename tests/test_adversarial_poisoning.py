@@ -222,3 +222,28 @@ def test_bench_section_prints_the_cost_ratio(capsys):
     assert ratios["small_cnn cpu"] > 0
     assert "adversarial_poisoning (gradient_matching, 1 step, p 0.75), small_cnn, cpu, batch 4:" in out
     assert "s per defended step" in out and "ratio" in out
+
+
+# ------------------------------------------------------------------ adversarial training, robuster's variant
+def test_signed_adam_adversarial_training_is_the_robuster_preset(digits):
+    from poisonbench.defenses.adversarial_training import AdversarialTrainingParams
+
+    params = build_defense("adversarial_training", {"method": "signed_adam", "eps": EPS}).params
+    assert (params.steps, params.step_size, params.random_start) == (5, 0.1, True)
+    assert AdversarialTrainingParams(method="pgd").steps == 7  # the others keep their defaults
+    images, labels = _batch(digits)
+    model = _model()
+    model.backbone.layers[1].eval()
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    defense = build_defense("adversarial_training", {"method": "signed_adam", "eps": EPS})
+    adv, out_labels = defense.on_train_batch(model, images, labels)
+    assert torch.equal(out_labels, labels) and not adv.requires_grad
+    assert float((adv - images).abs().max()) <= EPS + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    assert [m.training for m in model.modules()] == modes  # crafted in eval mode, modes restored
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no BatchNorm update
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy
+        assert ce(model(adv), labels) > ce(model(images), labels)

@@ -37,9 +37,11 @@ about 0.1·std ≈ 6/255 pixels per step); ε is always in pixels.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from poisonbench.attacks.gradients import gradient_norm, matching_loss, parameter_gradient
@@ -48,6 +50,19 @@ from poisonbench.registry import Registry
 
 BatchAttack = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 BATCH_ATTACKS: Registry[BatchAttack] = Registry("per-batch attack")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; afterwards every module's own mode is back
+    as it was (not ``model.train()``: a frozen backbone stays in eval mode)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _step_scale(model: nn.Module) -> torch.Tensor | None:
@@ -86,6 +101,19 @@ def squared_error_matching(model: nn.Module, x_p: torch.Tensor, y_p: torch.Tenso
                            generator: torch.Generator, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient matching with the squared-error loss."""
     return _matching("se", model, x_p, y_p, x_t, y_t, steps=steps, eps=eps, lr=lr, generator=generator)
+
+
+def evasion(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, eps: float,
+            lr: float = 0.1, init: str = "randn", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Adversarial examples by signed Adam ascending the cross-entropy, from randn·ε (the
+    authors' ``adversarial-evasion`` attack and their adversarial-training preset)."""
+    with torch.enable_grad():
+        delta = SignedAdam(images, eps, lr=lr, init=init, scale=_step_scale(model), generator=generator)
+        for _ in range(steps):
+            loss = F.cross_entropy(model(delta.poisoned()), labels)
+            (grad,) = torch.autograd.grad(loss, delta.u)
+            delta.step(-grad)  # SignedAdam descends: ascend the loss
+    return delta.poisoned().detach().clamp_(0, 1).to(images.dtype)
 
 
 def random_derangement(n: int, generator: torch.Generator) -> torch.Tensor:

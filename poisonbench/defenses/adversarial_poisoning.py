@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from poisonbench.attacks.batch import BATCH_ATTACKS
+from poisonbench.attacks.batch import BATCH_ATTACKS, eval_mode
 from poisonbench.attacks.crafting import rank_world
 from poisonbench.defenses.base import Defense, register_defense
 from poisonbench.errors import ConfigError
@@ -127,13 +127,8 @@ class AdversarialPoisoning(Defense):
             return images, labels
         y_p, y_true = labels[poisons], labels[targets]
         y_t = malicious_label(y_p).expand_as(y_true)
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
-        try:
+        with eval_mode(model):
             x_p, x_t = BATCH_ATTACKS.get(params.attack)(
                 model, images[poisons], y_p, images[targets], y_t, steps=params.steps, eps=params.eps,
                 lr=params.lr, generator=generator, y_true=y_true, max_area=params.max_area)
-        finally:
-            for module, training in modes:
-                module.training = training
         return torch.cat((x_p, x_t)), torch.cat((y_p, y_true))
