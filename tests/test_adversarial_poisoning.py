@@ -199,11 +199,12 @@ def test_runs_under_bf16_autocast(digits, attack):
 
 
 # ------------------------------------------------------------------ inside training
-def test_victim_trains_an_epoch_on_digits_with_the_defense(digits):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_victim_trains_an_epoch_on_digits_with_the_defense(digits, precision):
     train, test = digits
     quiet_lightning()
     cfg = {"epochs": 1, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-           "milestones": [], "accelerator": "cpu"}
+           "milestones": [], "accelerator": "cpu", "precision": precision}
     defense = build_defense("adversarial_poisoning", {"steps": 1})
     module = VictimModule(_model(), 10, cfg, defense=defense)
     build_trainer(cfg, None).fit(module, datamodule=PoisonedDataModule(train, test, None, batch_size=128))

@@ -81,6 +81,7 @@ def _matching(kind: str, model: nn.Module, x_p: torch.Tensor, y_p: torch.Tensor,
         for _ in range(steps):
             poison = parameter_gradient(model, delta.poisoned(), y_p, create_graph=True)
             loss = matching_loss(poison, target, kind, target_norm)
+            # d loss/du, not d loss/dδ: the same signs (the scale is positive), and only signs are used
             (grad,) = torch.autograd.grad(loss, delta.u)
             delta.step(grad)
     # clamp: clean + (projected δ) can round a hair outside [0, 1]
