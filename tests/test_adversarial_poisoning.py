@@ -182,6 +182,31 @@ def test_deterministic_per_seed_call_and_rank(digits, monkeypatch):
     assert not torch.equal(rank1[1], a[1])  # each DDP rank draws its own split
 
 
+def _defended_labels(device: torch.device) -> list[list[int]]:
+    """Every rank defends the same batch; the labels each rank trains on, as rank 0 sees them."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, width=4, pool=1).train()
+    x, y = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    _, labels = build_defense("adversarial_poisoning", {"steps": 1}).on_train_batch(model, x, y)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, labels.tolist())
+    return everyone
+
+
+def test_each_ddp_rank_draws_its_own_split_deterministically():
+    from poisonbench.attacks.distributed import run_ranks
+
+    rank0, rank1 = run_ranks(_defended_labels, ["cpu", "cpu"])
+    assert rank0 != rank1 and sorted(rank0) == sorted(rank1)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, width=4, pool=1).train()
+    x, y = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    _, alone = build_defense("adversarial_poisoning", {"steps": 1}).on_train_batch(model, x, y)
+    assert alone.tolist() == rank0  # rank 0 of a DDP run draws what a one-process run draws
+
+
 @pytest.mark.parametrize("attack", ["gradient_matching", "se", "patch"])
 def test_runs_under_bf16_autocast(digits, attack):
     images, labels = _batch(digits)
