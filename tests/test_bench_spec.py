@@ -116,8 +116,13 @@ def test_fixed_and_per_trial_poison_seeds():
     fixed = expand(spec)
     assert {j.config["poison_seed"] for j in fixed} == {derive_seed(spec.paper, "poison")}
     per_trial = expand(dataclasses.replace(spec, poison_seed="per_trial"))
-    assert len({j.config["poison_seed"] for j in per_trial}) == len(per_trial)
-    assert per_trial[0].config["poison_seed"] == derive_seed(spec.id, "none", "value", 0, "poison")
+    # Paired: trial k of every row draws the same target and init; trials differ.
+    by_trial = {}
+    for job in per_trial:
+        by_trial.setdefault(job.trial, set()).add((job.config["poison_seed"], job.config["seed"]))
+    assert all(len(seeds) == 1 for seeds in by_trial.values()) and len(by_trial) == spec.trials
+    assert len({next(iter(seeds)) for seeds in by_trial.values()}) == spec.trials
+    assert per_trial[0].config["poison_seed"] == derive_seed(spec.paper, "trial", 0)
 
 
 def test_derive_seed_and_fast_dev_run():

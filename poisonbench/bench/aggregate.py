@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from poisonbench.bench.catalogue import planned_catalogue
 from poisonbench.bench.jobs import Job
 from poisonbench.metrics import METRICS, summarize
 from poisonbench.bench.tables import TableSpec
@@ -56,6 +57,8 @@ class CellResult:
     paper_setting: tuple[str, str | None] | None = None
     derived: bool = False  # a best_of column's cell: no jobs of its own
     reference_error: float | None = None  # the paper's printed error, where given
+    missing: str | None = None  # the planned attack or defense the cell needs ("not implemented")
+    metric: str | None = None  # the headline metric of the cell's row
     # the table's other metrics: (metric, mean, error, n, paper value)
     extra: tuple[tuple[str, float | None, float | None, int, float | None], ...] = ()
 
@@ -116,6 +119,7 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
     without one are not run. For ``kind: curves`` the cell also gets the mean curve of
     ``curves[spec.metric]`` by epoch.
     """
+    planned = planned_catalogue()
     by_cell: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
         by_cell.setdefault((job.row, job.column), []).append(job)
@@ -124,8 +128,9 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
         for column in spec.columns:
             cell_jobs = sorted(by_cell.get((row.id, column.id), []), key=lambda j: j.trial)
             done = [(job, results[job.hash]) for job in cell_jobs if job.hash in results]
-            values = tuple(_metric(spec.metric, job, result) for job, result in done)
-            mean, sem, n = summary(spec.metric, values)
+            metric = row.metric or spec.metric
+            values = tuple(_metric(metric, job, result) for job, result in done)
+            mean, sem, n = summary(metric, values)
             extra = tuple((m, *summary(m, [_metric(m, job, result) for job, result in done]),
                            row.reference_extra.get(column.id, {}).get(m)) for m in spec.extra_metrics)
             settings = {_setting(r.get("config") or {}) for _, r in done} or {_setting(j.config) for j in cell_jobs}
@@ -138,7 +143,8 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
                 mean=mean, sem=sem, values=values, curve=curve, files=figures,
                 setting=_one_setting(settings),
                 paper_setting=paper_setting(spec, row.id, column.id), derived=bool(column.best_of),
-                reference_error=row.reference_error.get(column.id), extra=extra,
+                reference_error=row.reference_error.get(column.id), extra=extra, metric=metric,
+                missing=next((m for m in map(planned.missing, (j.config for j in cell_jobs)) if m), None),
             ))
     return [_best_of(spec, cell, cells) for cell in cells]
 

@@ -7,7 +7,7 @@ Names are looked up among the files on disk; an unknown one raises
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -107,13 +107,32 @@ class Catalogue:
 
     papers: Mapping[str, str]  # paper key -> title
     tables: tuple[CatalogueEntry, ...]
+    # kind ("attacks", "defenses") -> names that specs may use before they are registered
+    planned: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def missing(self, config: Mapping) -> str | None:
+        """The planned attack or defense a job config names (why its cell cannot run
+        yet), or None."""
+        for kind, key in (("attacks", "attack"), ("defenses", "defense")):
+            if config.get(key) in self.planned.get(kind, ()):
+                return f"{key} {config[key]!r}"
+        return None
+
+
+def planned_catalogue() -> Catalogue:
+    """The catalogue for its ``planned`` names; an empty one where a configs folder has
+    no catalogue (a test's own specs)."""
+    path = configs_dir() / "tables" / "catalogue.yaml"
+    return load_catalogue(path) if path.is_file() else Catalogue(papers={}, tables=())
 
 
 def load_catalogue(path: str | os.PathLike | None = None) -> Catalogue:
     path = Path(path) if path is not None else configs_dir() / "tables" / "catalogue.yaml"
     data = load_yaml(path)
     where = f"catalogue {path}"
-    check_keys(data, ("papers", "tables"), where)
+    check_keys(data, ("papers", "tables", "planned"), where)
+    planned = mapping(data.get("planned"), f"planned in {where}")
+    check_keys(planned, ("attacks", "defenses"), f"planned in {where}")
     papers = mapping(data.get("papers"), f"papers in {where}")
     entries = []
     for i, entry in enumerate(required(data, "tables", where) or []):
@@ -126,4 +145,6 @@ def load_catalogue(path: str | os.PathLike | None = None) -> Catalogue:
             what=check_value(entry.get("what", ""), str, f"what in {ewhere}"),
         ))
     unique_ids([e.id for e in entries], "table", where)
-    return Catalogue(papers={str(k): str(v) for k, v in papers.items()}, tables=tuple(entries))
+    return Catalogue(papers={str(k): str(v) for k, v in papers.items()}, tables=tuple(entries),
+                     planned={kind: frozenset(check_value(names, list, f"planned.{kind} in {where}"))
+                              for kind, names in planned.items()})

@@ -96,14 +96,20 @@ def expand(
                 # tables with equal attack settings share it (the shortcuts paper crafts
                 # each attack once and analyses, trains on and defends the same data).
                 poison_seed = derive_seed(spec.paper, "poison")
+                seed = derive_seed(spec.id, cell.row, cell.column, trial)
             else:
-                poison_seed = derive_seed(spec.id, cell.row, cell.column, trial, "poison")
+                # Paired trials (the robuster paper's 20 fixed seeds): the k-th trial of
+                # every row, column and table of the paper draws the same target and model
+                # init; the attack config (in the store's key) decides the poisons, and
+                # the column or defense never enters a seed.
+                poison_seed = derive_seed(spec.paper, "trial", trial)
+                seed = derive_seed(spec.paper, "init", trial)
             config = {
                 "table": spec.id,
                 "row": cell.row,
                 "column": cell.column,
                 "trial": trial,
-                "seed": derive_seed(spec.id, cell.row, cell.column, trial),
+                "seed": seed,
                 "poison_seed": poison_seed,
                 "profile": profile,
                 # Own copies: jobs of one cell must not share nested dicts.

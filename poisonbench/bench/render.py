@@ -104,6 +104,8 @@ def table_json(spec: TableSpec, cells: list[CellResult], prov: Mapping[str, Any]
             {"row": c.row, "column": c.column, "mean": _round(c.mean), "sem": _round(c.sem), "n": c.n,
              "reference": c.reference, **({"chosen": c.chosen} if c.chosen else {}),
              **({"reference_error": c.reference_error} if c.reference_error is not None else {}),
+             **({"metric": c.metric} if c.metric and c.metric != spec.metric else {}),
+             **({"not_implemented": c.missing} if c.missing else {}),
              **({"metrics": {m: {"mean": _round(mean), "error": _round(err), "n": n, "reference": ref}
                              for m, mean, err, n, ref in c.extra}} if c.extra else {})}
             for c in cells
@@ -172,7 +174,8 @@ def table_markdown(spec: TableSpec, cells: list[CellResult], prov: Mapping[str, 
     align = ["---"] * (2 if with_columns else 1) + ["---:"] * (len(header) - (2 if with_columns else 1))
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for c in cells:
-        reproduced = "not run" if c.mean is None else _reproduced(c)
+        reproduced = ((f"not implemented ({c.missing})" if c.missing else "not run") if c.mean is None
+                      else _reproduced(c))
         diff = [NONE if c.diff is None else f"{c.diff:+.2f}"] if with_diff else []
         paper = NONE if c.reference is None else repr(c.reference)  # as transcribed: 8.0, 94.69
         if c.reference is not None and c.reference_error is not None:
@@ -218,7 +221,7 @@ def _value(mean: float, error: float | None, n: int) -> str:
 
 def _errors_sentence(spec: TableSpec) -> str:
     """What the ± of each metric shown means (each metric's error model)."""
-    shown = [spec.metric, *spec.extra_metrics]
+    shown = list(dict.fromkeys([spec.metric, *(r.metric for r in spec.rows if r.metric), *spec.extra_metrics]))
     if all(METRICS.get(m).error == "sem" if m in METRICS else True for m in shown) and len(shown) == 1:
         return "Reproduced values are mean ± standard error of the mean over trials (n)."
     parts = [METRICS.get(m).describe_error() if m in METRICS else f"{m}: mean ± standard error of the mean"

@@ -21,13 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from poisonbench.bench.aggregate import aggregate, table_state
+from poisonbench.bench.catalogue import load_suite, planned_catalogue
 from poisonbench.bench.executors import EXECUTORS, ready
 from poisonbench.bench.jobs import Job, expand, job_state, read_results, runs_root
-from poisonbench.schema.job_dir import make_job_dir, result_stamp
 from poisonbench.bench.render import render_all, render_table
-from poisonbench.bench.catalogue import load_suite
 from poisonbench.bench.tables import TableSpec, load_table
 from poisonbench.errors import ConfigError
+from poisonbench.schema.job_dir import make_job_dir, result_stamp
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -67,14 +67,25 @@ def plan(specs: list[TableSpec], *, profile: str | None, trials: int | None,
     return out
 
 
+def not_implemented(plans: list[Plan]) -> dict[tuple[str, str, str], str]:
+    """``{(table, row, column): what is missing}`` for the cells that name a planned
+    attack or defense (``configs/tables/catalogue.yaml``): they are skipped, not failed."""
+    catalogue = planned_catalogue()
+    return {(p.spec.id, j.row, j.column): catalogue.missing(j.config)
+            for p in plans for j in p.jobs if catalogue.missing(j.config)}
+
+
 def show_plan(plans: list[Plan], console: Console) -> None:
     root = runs_root()
+    blocked = not_implemented(plans)
     for p in plans:
         table = Table(title=f"{p.spec.id}: {len(p.jobs)} jobs", title_justify="left")
         for col in ("row", "column", "trial", "state", "directory"):
             table.add_column(col)
         for job in p.jobs:
-            table.add_row(job.row, job.column, str(job.trial), job_state(job, root), str(job.dir(root)))
+            missing = blocked.get((p.spec.id, job.row, job.column))
+            state = f"not implemented ({missing})" if missing else job_state(job, root)
+            table.add_row(job.row, job.column, str(job.trial), state, str(job.dir(root)))
         console.print(table)
 
 
@@ -85,8 +96,13 @@ def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data
     root = runs_root()
     ready(executor)  # before any directory is touched
     launch = EXECUTORS.get(executor)
-    todo = [j for p in plans for j in p.jobs if rerun or job_state(j, root) != "done"]
-    skipped = sum(len(p.jobs) for p in plans) - len(todo)
+    blocked = not_implemented(plans)
+    for (table, row, column), missing in blocked.items():
+        console.print(f"{table} row {row!r} column {column!r}: not implemented yet ({missing}); skipped")
+    todo = [j for p in plans for j in p.jobs
+            if (p.spec.id, j.row, j.column) not in blocked and (rerun or job_state(j, root) != "done")]
+    skipped = sum(len(p.jobs) for p in plans) - len(todo) - sum(
+        1 for p in plans for j in p.jobs if (p.spec.id, j.row, j.column) in blocked)
     if skipped:
         console.print(f"{skipped} jobs already done (use --rerun to run them again)")
     by_dir = {j.dir(root): j for j in todo}

@@ -29,9 +29,13 @@ Costs on each ``--device`` (no target; what a run will take):
    extractors; the shortcuts paper, Appendix E).
 7. ``lbfgs``: seconds of ``probe.fit_lbfgs`` with linear_eval's probe (50 L-BFGS
    steps, Appendix E) on 50,000 × 512 random features and 10 classes.
+8. ``adv_poisoning``: one training step defended by ``adversarial_poisoning`` (the
+   robuster paper's 5 steps at p = 0.75, gradient matching) over a plain training step
+   (forward, backward, SGD), same model and batch, for small_cnn (the cpu profile's)
+   and ResNet-18 (the issue's target: ≤ ~4×).
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
-sections 4–7 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+sections 4–8 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
 depend on the device (small on a CPU) and are printed with every figure.
 
@@ -59,7 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
-SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs")
+SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning")
 MiB, GiB = 2**20, 2**30
 
 
@@ -583,6 +587,50 @@ def bench_lbfgs(devices: Sequence[torch.device], n: int = 50_000, d: int = 512, 
 # ---------------------------------------------------------------------------- CLI
 
 
+ADV_POISONING_BATCH = {"cpu": {"small_cnn": 128, "resnet18": 32}, "cuda": {"small_cnn": 128, "resnet18": 128}}
+
+
+def bench_adversarial_poisoning(devices: Sequence[torch.device], repeats: int,
+                                models: dict[str, dict] | None = None, batch: int | None = None,
+                                params: dict | None = None) -> dict[str, float]:
+    """Seconds of a defended and a plain training step, and their ratio, per model × device."""
+    import torch.nn.functional as F
+
+    from poisonbench.defenses import build_defense
+    from poisonbench.models import build_model
+
+    models = CRAFT_MODELS if models is None else models
+    ratios = {}
+    for device in devices:
+        for name, model_params in models.items():
+            b = batch or ADV_POISONING_BATCH[device.type].get(name, 128)
+            torch.manual_seed(0)
+            model = build_model(name, 10, **model_params).to(device).train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.rand((b, 3, 32, 32), generator=gen).to(device)
+            y = torch.randint(0, 10, (b,), generator=gen).to(device)
+            defense = build_defense("adversarial_poisoning", params or {})
+
+            def plain(images=x, labels=y):
+                loss = F.cross_entropy(model(images), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            def defended():
+                plain(*defense.on_train_batch(model, x, y))
+
+            _, t_plain = timed(plain, repeats, device)
+            _, t_defended = timed(defended, repeats, device)
+            p = defense.params
+            ratios[f"{name} {device}"] = t_defended / t_plain
+            print(f"adversarial_poisoning ({p.attack}, {plural(p.steps, 'step')}, p {p.p:g}), {name}, {device}, batch {b}: "
+                  f"{sig(t_defended)} s per defended step, {sig(t_plain)} s per plain step, "
+                  f"ratio {sig(t_defended / t_plain)} (issue's target ≤ ~4)")
+    return ratios
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -590,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), metavar="SECTIONS",
                         help="comma list of sections to run (default: all): " + ",".join(SECTIONS))
     parser.add_argument("--device", default="auto",
-                        help="where crafting, projection, features and lbfgs run: auto (default: the CPU, and "
+                        help="where crafting, projection, features, lbfgs and adv_poisoning run: auto (default: the CPU, and "
                              "the GPU too when CUDA is available) or a comma list such as cpu, cuda, cpu,cuda:1; "
                              "synthetic, datamodule and fit always run on the CPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (default 3)")
@@ -627,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_features(devices, args.repeats)
         elif section == "lbfgs":
             bench_lbfgs(devices)
+        elif section == "adv_poisoning":
+            bench_adversarial_poisoning(devices, args.repeats)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 

@@ -5,6 +5,6 @@ training (filters), per batch, per optimizer step, or by replacing the backbone;
 extension point is ``poisonbench.defenses.base``. ``none`` is the undefended baseline.
 """
 from poisonbench.defenses.base import DEFENSES, Defense, NoParams, build_defense, register_defense
-from poisonbench.defenses import adversarial_training, pretrained  # noqa: F401  (fill the registry)
+from poisonbench.defenses import adversarial_poisoning, adversarial_training, pretrained  # noqa: F401  (fill the registry)
 
 __all__ = ["DEFENSES", "Defense", "NoParams", "build_defense", "register_defense"]
