@@ -15,7 +15,9 @@ from poisonbench.attacks import ATTACKS
 from poisonbench.data import DATASETS
 from poisonbench.defenses import DEFENSES
 from poisonbench.errors import ConfigError
+from poisonbench.fitting.base_model import base_model_config
 from poisonbench.models.factory import check_model
+from poisonbench.schema.job_config import check_scenario
 
 
 def check_job(config: Mapping, where: str) -> None:
@@ -32,5 +34,9 @@ def check_job(config: Mapping, where: str) -> None:
             attack.params({**params, **attack.smoke})
         DEFENSES.get(config.get("defense") or "none").parse_params(config.get("defense_params"))
         check_task_params(config.get("task", "train"), dict(config.get("task_params") or {}))
+        check_scenario(config)
+        if config.get("base_model") is not None:
+            settings = base_model_config(config["base_model"], "the config")
+            DEFENSES.get(settings["defense"]).parse_params(settings["defense_params"])
     except ConfigError as err:
         raise type(err)(f"{where}: {err}") from None

@@ -50,11 +50,11 @@ def fit(model: torch.nn.Module, datamodule: PoisonedDataModule, recipe: dict, *,
 
 def fit_clean(model: torch.nn.Module, train_set: ImageSet, recipe: dict, *, seed: int,
               eval_set: ImageSet | None = None, scenario: str = "scratch", hooks: TrainingHooks | None = None,
-              progress: bool = False) -> Fitted:
+              progress: bool = False, fast_dev_run: bool = False) -> Fitted:
     """Train ``model`` in place on the clean ``train_set`` (measured on ``eval_set``, by
     default the first training images)."""
     if eval_set is None:
         eval_set = ImageSet(train_set.images[:STAND_IN_EVAL], train_set.labels[:STAND_IN_EVAL],
                             train_set.classes, train_set.name, train_set.split)
     data = PoisonedDataModule(train_set, eval_set, None, batch_size=int(recipe["batch_size"]), seed=int(seed))
-    return fit(model, data, recipe, scenario=scenario, hooks=hooks, progress=progress)
+    return fit(model, data, recipe, scenario=scenario, hooks=hooks, progress=progress, fast_dev_run=fast_dev_run)

@@ -55,6 +55,11 @@ DEFAULTS: dict[str, Any] = {
 }
 SCENARIOS = ("scratch", "finetune", "transfer", "linear_eval")
 TASKS = ("train", "separability", "tsne")
+# Keys a config may set but that have no default: absent from the configs that do not
+# set them, so adding one moves no existing job's hash. ``base_model``: the network that
+# finetune and transfer start from (``poisonbench.fitting.base_model``).
+OPTIONAL: dict[str, Any] = {"base_model": dict}
+
 # Expected types: float accepts an int (and stores it as a float, so `lr: 1` and
 # `lr: 1.0` hash alike); "ints" is a list of ints.
 TYPES: dict[str, Any] = {
@@ -81,13 +86,13 @@ PARAMS_OF = {"model": "model_params", "attack": "attack_params", "defense": "def
 
 def check_set(mapping: Any, where: str) -> dict[str, Any]:
     """Validate a partial config (``defaults``, a ``set``, an ``override``)."""
-    check_keys(mapping, DEFAULTS, where)
+    check_keys(mapping, [*DEFAULTS, *OPTIONAL], where)
     checked: dict[str, Any] = {}
     for key, value in mapping.items():
         if key == "train":
             checked[key] = check_train(value, where)
             continue
-        checked[key] = check_value(value, TYPES[key], f"{key} in {where}")
+        checked[key] = check_value(value, TYPES.get(key) or OPTIONAL[key], f"{key} in {where}")
     if "scenario" in checked and checked["scenario"] not in SCENARIOS:
         raise ConfigError(
             f"scenario in {where} must be one of {', '.join(SCENARIOS)}; got {checked['scenario']!r}"
@@ -129,11 +134,11 @@ JOB_FIELDS: dict[str, tuple[type, ...]] = {
 def check_job_config(config: Any, where: str) -> None:
     """Raise ``ConfigError`` unless ``config`` is a whole job config (``where`` names it, e.g.
     its config.yaml): every key known, every value of its type and in its range."""
-    check_keys(config, [*DEFAULTS, *JOB_FIELDS], where)
+    check_keys(config, [*DEFAULTS, *OPTIONAL, *JOB_FIELDS], where)
     missing = [k for k in ("dataset", "model", "attack", "train", "seed") if k not in config]
     if missing:
         raise ConfigError(f"{where} has no {missing[0]!r}; it is required")
-    check_set({k: v for k, v in config.items() if k in DEFAULTS}, where)
+    check_set({k: v for k, v in config.items() if k in DEFAULTS or k in OPTIONAL}, where)
     for key, kinds in JOB_FIELDS.items():
         if key not in config:
             continue
@@ -146,3 +151,21 @@ def check_job_config(config: Any, where: str) -> None:
 
 
 KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false", type(None): "null"}
+
+
+# Scenarios that start from a network trained before: a base model, or the backbone the
+# ``pretrained`` defense puts in place (shortcuts Table 4).
+FROM_TRAINED = ("finetune", "transfer")
+
+
+def check_scenario(config: Mapping[str, Any]) -> None:
+    """``ConfigError`` unless the scenario is known and, where it starts from a trained
+    network, the config says which (fine-tuning a fresh network would silently be
+    training from scratch)."""
+    scenario = config.get("scenario", "scratch")
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    if scenario in FROM_TRAINED and config.get("base_model") is None and config.get("defense") != "pretrained":
+        raise ConfigError(f"scenario {scenario!r} starts from a trained network: set base_model "
+                          "(e.g. base_model: {} for one trained with the job's recipe on the clean "
+                          "training set) or use the pretrained defense")

@@ -15,7 +15,6 @@ L-BFGS linear classifier (``poisonbench.fitting.linear_eval``), with no curve.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import lightning as L
@@ -25,18 +24,18 @@ import yaml
 from poisonbench import provenance
 from poisonbench.attacks import ATTACKS, craft_cached
 from poisonbench.attacks.base import check_declared, craft_cost
-from poisonbench.schema.job_config import CONFIG_FILE
+from poisonbench.schema.job_config import CONFIG_FILE, check_scenario
 from poisonbench.schema.job_dir import Claim, claim, clear_job_dir, inherited_claim, make_job_dir
 from poisonbench.schema.result import RESULT_FILE, RESULT_FORMAT_VERSION, metric_problem
-from poisonbench.schema.job_config import SCENARIOS
 from poisonbench.data import load_imageset
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.module import PoisonedDataModule
 from poisonbench.data.store import PoisonStore
 from poisonbench.defenses import Defense, build_defense
-from poisonbench.errors import ConfigError, JobError
+from poisonbench.errors import JobError
 from poisonbench.files import write_json, write_text
 from poisonbench.models import build_model
+from poisonbench.fitting.base_model import base_model, base_model_config
 from poisonbench.fitting.fit import fit
 from poisonbench.fitting.linear_eval import linear_eval
 from poisonbench.fitting.trainer import quiet_lightning
@@ -143,8 +142,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
         quiet_lightning()
     L.seed_everything(int(config["seed"]), workers=True, verbose=False)
     scenario = config.get("scenario", "scratch")
-    if scenario not in SCENARIOS:
-        raise ConfigError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    check_scenario(config)
     # Unknown names and bad parameters fail before any work is done.
     defense = build_defense(config.get("defense", "none"), config.get("defense_params"))
 
@@ -174,14 +172,18 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
                                     **sizes)
     device = compute_device(train_cfg)
     filtered = filter_training_set(defense, datamodule, config, device)
-    model = build_model(config["model"], base.num_classes, **dict(config.get("model_params") or {}))
+    model_params = dict(config.get("model_params") or {})
+    model = build_model(config["model"], base.num_classes, **model_params)
     model = defense.prepare_model(model, base.num_classes, config=config,
                                   data_root=None if data_root is None else str(data_root))
+    base_info = None
+    if config.get("base_model") is not None:  # finetune and transfer start from it
+        model, train_cfg, base_info = _from_base_model(config, base, train_cfg, progress_bar)
 
     if scenario == "linear_eval":
         outcome, write = _linear_eval(model, datamodule, config, device, fast), True
     else:
-        outcome, write = _train(model, datamodule, config, defense, job_dir, fast, wandb, progress_bar)
+        outcome, write = _train(model, datamodule, config, train_cfg, defense, job_dir, fast, wandb, progress_bar)
 
     result = {
         "format_version": RESULT_FORMAT_VERSION,
@@ -195,6 +197,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
                   "budget": store.budget if store.index.numel() else None,
                   "craft_cost": craft_cost(store.path)},
         "defense": {**defense.describe(), "filter": filtered},
+        **({"base_model": base_info} if base_info else {}),
         "hardware": outcome["hardware"],
         "versions": provenance.versions(),
         "finished_at": provenance.now(),
@@ -256,7 +259,24 @@ def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStor
     return result
 
 
-def _train(model, datamodule: PoisonedDataModule, config: dict, defense: Defense, job_dir: Path,
+def _from_base_model(config: dict, base: ImageSet, train_cfg: dict, progress: bool) -> tuple:
+    """The victim as its base model (``poisonbench.fitting.base_model``), the recipe it is
+    trained on with (fine-tuning: the lr × ``finetune_lr``), and what result.json records."""
+    settings = base_model_config(config["base_model"], "the job config")
+    hooks = None if settings["defense"] == "none" else build_defense(settings["defense"], settings["defense_params"])
+    params = dict(config.get("model_params") or {})
+    recipe = dict(settings["recipe"] or train_cfg)
+    if config.get("fast_dev_run"):  # a smoke base model, cached apart from the real one
+        recipe["fast_dev_run"] = True
+    model, seconds, path = base_model(lambda: build_model(config["model"], base.num_classes, **params), base,
+                                      config["model"], params, recipe, settings,
+                                      hooks=hooks, progress=progress)
+    if config.get("scenario") == "finetune":
+        train_cfg = {**train_cfg, "lr": train_cfg["lr"] * settings["finetune_lr"]}
+    return model, train_cfg, {"path": str(path) if path else None, "train_s": round(seconds, 3)}
+
+
+def _train(model, datamodule: PoisonedDataModule, config: dict, train_cfg: dict, defense: Defense, job_dir: Path,
            fast: bool, wandb: bool, progress_bar: bool) -> tuple[dict, bool]:
     """The Lightning scenarios: fit, then test; returns the result's parts and whether
     this process writes the result (rank 0)."""
@@ -265,7 +285,7 @@ def _train(model, datamodule: PoisonedDataModule, config: dict, defense: Defense
         from poisonbench.tracking import wandb_logger
 
         extra_loggers.append(wandb_logger(config, job_dir, job_type="train"))
-    fitted = fit(model, datamodule, dict(config["train"]), scenario=config.get("scenario", "scratch"),
+    fitted = fit(model, datamodule, train_cfg, scenario=config.get("scenario", "scratch"),
                  hooks=defense, job_dir=job_dir, fast_dev_run=fast, loggers=extra_loggers, progress=progress_bar)
     module, trainer, train_s = fitted.module, fitted.trainer, fitted.seconds
     train_acc = trainer.callback_metrics.get("train/acc")  # before test() resets them
