@@ -7,7 +7,8 @@ PIP    := PIP_FIND_LINKS= $(VENV)/bin/pip
 SMOKE  := .smoke
 
 .PHONY: install test demo smoke pretrain-digits leaderboards bench clean \
-        table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7
+        table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7 \
+        robuster-table1 robuster-table2 robuster-table3 robuster-fig3 robuster-sec5_4
 
 install: $(VENV)/.installed
 
@@ -40,6 +41,10 @@ PROFILE ?=
 PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE),)
 table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7: install
 	$(PB) run --table shortcuts/$@ $(PROFILE_ARG)
+
+# The robuster paper's tables: make robuster-table1 runs robuster/table1 (PROFILE=cpu too).
+robuster-table1 robuster-table2 robuster-table3 robuster-fig3 robuster-sec5_4: install
+	$(PB) run --table robuster/$(patsubst robuster-%,%,$@) $(PROFILE_ARG)
 
 leaderboards: install
 	$(PB) leaderboard
