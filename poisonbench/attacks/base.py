@@ -66,6 +66,8 @@ CraftFn = Callable[[ImageSet, Any, int, torch.device], PoisonStore]
 RANKS = ("one", "invariant")  # how an attack uses several devices (module docstring)
 BUDGET_NORMS = ("linf", "l2", "l0")  # the ball of an attack's budget param (module docstring)
 VICTIM_USES = ("none", "recipe", "adaptive")  # what of the victim an integrity attack's store depends on
+# Keys of a training mapping that say where it runs, not what it computes: not in victim keys.
+EXECUTION_KEYS = ("accelerator", "devices", "strategy", "eval_every")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class VictimSpec:
     def key(self, defense: bool = True) -> dict:
         """JSON-able, hashed into store keys; without the defense for an attack whose
         surrogate does not train with it (its store then serves every defense column)."""
-        out = {"model": self.model, "model_params": self.model_params, "train": self.train,
+        train = {k: v for k, v in self.train.items() if k not in EXECUTION_KEYS}
+        out = {"model": self.model, "model_params": self.model_params, "train": train,
                "scenario": self.scenario, "base_model": self.base_model}
         if defense:
             out.update(defense=self.defense, defense_params=self.defense_params)
