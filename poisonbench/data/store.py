@@ -311,9 +311,9 @@ class PoisonStore:
         if self.norm == "l2" and budget["l2_max"] > self.eps * 255 * (1 + BUDGET_RTOL) + 1e-6:
             raise PoisonStoreError(f"{where} is over budget: max l2 perturbation {budget['l2_max']:.3f}/255 > declared {self.eps * 255:.3f}/255")
         if self.norm == "l0":
+            self._verify_patch(base)  # first: "outside the mask" says more than a count
             if budget["l0_max"] > self.eps:
                 raise PoisonStoreError(f"{where} is over budget: {budget['l0_max']} changed pixels in one image > declared l0 {self.eps:g}")
-            self._verify_patch(base)
         self.budget = budget
         return budget
 
