@@ -38,6 +38,21 @@ def matching(digits, seed=3, victim=None, **params):
     return attack, p, AttackInput(train, seed, test=test, target=target, victim=victim)
 
 
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if ATTACKS.get(n).integrity])
+def test_every_integrity_attack_crafts_with_its_smoke_params(name, digits, one_thread):
+    train, test = digits
+    attack = ATTACKS.get(name)
+    params = attack.params(attack.smoke)
+    target = attack.draw_target(train, test, 0, params)
+    inp = AttackInput(train, 0, test=test, target=target)
+    store = attack.craft(inp, params)
+    assert torch.equal(store.images, attack.craft(inp, params).images)  # deterministic in the seed
+    assert torch.equal(store.labels, train.labels[store.index])  # clean-label
+    assert store.index.tolist() == list(target.poison_index) and store.target.mismatch(target) is None
+    assert not torch.equal(store.images, train.images[store.index])
+    assert not torch.equal(store.images, attack.craft(dataclasses.replace(inp, seed=1), params).images)
+
+
 def test_an_integrity_attack_needs_a_target(digits):
     train, _ = digits
     with pytest.raises(ConfigError, match="integrity attack: it needs a trial's target"):
