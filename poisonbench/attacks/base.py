@@ -168,9 +168,12 @@ class Attack:
               device: DeviceSpec | None = None) -> PoisonStore:
         """The store for (params, seed), crafted on ``device``: one device, or several
         (one rank each, see ``devices``). ``imageset`` may be an ``AttackInput`` (an
-        integrity attack needs one); ``seed`` and ``device`` then default to its own."""
+        integrity attack needs one); ``seed`` and ``device`` then default to its own (else
+        to 0 and the CPU)."""
         if not isinstance(params, self.params_type):
             params = self.params(params)
+        if seed is None and not isinstance(imageset, AttackInput):
+            seed = 0
         inp = self.input(imageset, seed, device)
         if self.integrity:
             store = self.craft_fn(dataclasses.replace(inp, device=self.devices(inp.device)[0]), params)
