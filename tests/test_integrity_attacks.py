@@ -126,6 +126,9 @@ def test_gradient_matching_without_a_victim_or_surrogate_is_refused(digits):
     attack, params, inp = matching(digits, surrogate={})
     with pytest.raises(ConfigError, match="give the victim, or the surrogate param"):
         attack.craft(inp, params)
+    transfer = VictimSpec("small_cnn", {"pool": 1}, CPU_TRAIN, scenario="transfer")
+    with pytest.raises(ConfigError, match="transfer scenario's base-model surrogate is not supported yet"):
+        attack.craft(dataclasses.replace(inp, victim=transfer), params)
 
 
 def test_gradient_matching_lowers_the_matching_loss_within_its_budget(digits, one_thread):

@@ -101,6 +101,10 @@ def surrogate_spec(inp: AttackInput, params: GradientMatchingParams) -> tuple[st
     """(model, model_params, training mapping) of the surrogate: the victim's, with the
     ``surrogate`` param's changes, on one device."""
     over, victim = dict(params.surrogate), inp.victim
+    if victim is not None and victim.scenario != "scratch":
+        # The paper's transfer/fine-tune attacker crafts on the base model: not built yet.
+        raise ConfigError(f"gradient_matching crafts on a surrogate trained from scratch; the {victim.scenario} "
+                          "scenario's base-model surrogate is not supported yet")
     if victim is None and not {"model", "epochs"} <= set(over):
         raise ConfigError("gradient_matching trains its surrogate with the victim's recipe: give the victim, "
                           "or the surrogate param with at least model and epochs")
