@@ -151,8 +151,8 @@ def test_attack_that_may_change_labels_is_declared(base):
 
 
 def integrity_extras(**changes):
-    extras = {"trigger": torch.full((3, 4, 4), 200, dtype=torch.uint8),
-              "trigger_mask": torch.ones(4, 4, dtype=torch.bool),
+    extras = {"trigger": torch.full((3, 32, 32), 200, dtype=torch.uint8),
+              "trigger_mask": torch.ones(32, 32, dtype=torch.bool),
               "target_index": torch.tensor([7], dtype=torch.int64),
               "target_label": torch.tensor([2], dtype=torch.int64)}
     extras.update(changes)
@@ -165,13 +165,14 @@ def test_well_formed_integrity_tensors_open(base, tmp_path):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"trigger": torch.full((3, 4, 4), 0.5)}, "trigger must be uint8"),
+    ({"trigger": torch.full((3, 32, 32), 0.5)}, "trigger must be uint8"),
     ({"trigger": torch.zeros(3, 40, 40, dtype=torch.uint8)}, "trigger must be uint8"),
-    ({"trigger": torch.zeros(1, 4, 4, dtype=torch.uint8)}, "trigger must be uint8"),
+    ({"trigger": torch.zeros(3, 4, 4, dtype=torch.uint8)}, "trigger must be uint8"),
+    ({"trigger": torch.zeros(1, 32, 32, dtype=torch.uint8)}, "trigger must be uint8"),
     ({"trigger": None}, "trigger_mask but no trigger"),
     ({"trigger_mask": torch.ones(5, 5, dtype=torch.bool)}, "trigger_mask must be"),
-    ({"trigger_mask": torch.ones(4, 4)}, "trigger_mask must be"),
-    ({"trigger_mask": torch.full((4, 4), 3, dtype=torch.uint8)}, "only 0 and 1"),
+    ({"trigger_mask": torch.ones(32, 32)}, "trigger_mask must be"),
+    ({"trigger_mask": torch.full((32, 32), 3, dtype=torch.uint8)}, "only 0 and 1"),
     ({"target_index": torch.tensor([7.0])}, "target_index must be int64"),
     ({"target_index": torch.tensor([-1])}, "target_index must be int64"),
     ({"target_label": torch.tensor([1, 2])}, "target_label must be int64"),

@@ -1,7 +1,8 @@
 """Attacks: one file per attack, each registered in ``ATTACKS`` on import."""
-from poisonbench.attacks.base import ATTACKS, Attack, craft_cached, register_attack
+from poisonbench.attacks.base import ATTACKS, Attack, AttackInput, VictimSpec, craft_cached, register_attack
 from poisonbench.attacks import (  # noqa: F401  (fill the registry)
-    adversarial, alignment, deepconfuse, error_minimizing, none, ntga, random_noise, synthetic, tensorclog,
+    adversarial, alignment, backdoor_patch, deepconfuse, error_minimizing, gradient_matching, none, ntga,
+    random_noise, synthetic, tensorclog,
 )
 
-__all__ = ["ATTACKS", "Attack", "craft_cached", "register_attack"]
+__all__ = ["ATTACKS", "Attack", "AttackInput", "VictimSpec", "craft_cached", "register_attack"]

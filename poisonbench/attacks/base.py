@@ -26,6 +26,18 @@ the ``eps`` param as an ℓ∞ radius, or with ``norm="l2"`` the image radius
 sqrt(C·H·W)·eps, the shortcuts paper's §3.2 convention; an attack without that param
 changes nothing); and a clean-label attack (``keeps_labels``, the default) keeps every
 label. A cached store that fails any check is not used: it is crafted again.
+
+Integrity attacks (the robuster paper; ``integrity=True``) attack a trial's target.
+Their craft function is ``craft(inp: AttackInput, params) -> PoisonStore``: the input
+carries the training set, the seed and device, the test split, the trial's ``Target``
+and what the attacker knows of the victim (``VictimSpec``). Their stores carry the
+target (``target_index``, ``target_label``, ``test_fingerprint``; a patch also its
+``trigger``), change only the target's poison images, and are cached under a key that
+adds the target (and the victim, for an attack whose surrogate imitates it:
+``victim="recipe"``). ``targets`` says how many test images of the target class a
+trial draws for the attack (None: all of them, as backdoor success is measured).
+Availability attacks keep ``craft(imageset, params, seed, device)``, their stores and
+their cache keys.
 """
 from __future__ import annotations
 
@@ -43,6 +55,7 @@ import torch
 from poisonbench.attacks.distributed import DeviceSpec, parse_devices, run_ranks
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore, cache_path
+from poisonbench.data.targets import Target, draw_target, poison_count
 from poisonbench.errors import ConfigError, PoisonStoreError
 from poisonbench.files import canonical_json
 from poisonbench.params import parse_params
@@ -52,7 +65,49 @@ log = logging.getLogger(__name__)
 
 CraftFn = Callable[[ImageSet, Any, int, torch.device], PoisonStore]
 RANKS = ("one", "invariant")  # how an attack uses several devices (module docstring)
-BUDGET_NORMS = ("linf", "l2")  # the ball of an attack's budget param (module docstring)
+BUDGET_NORMS = ("linf", "l2", "l0")  # the ball of an attack's budget param (module docstring)
+VICTIM_USES = ("none", "recipe", "adaptive")  # what of the victim an integrity attack's store depends on
+# Keys of a training mapping that say where it runs, not what it computes: not in victim keys.
+EXECUTION_KEYS = ("accelerator", "devices", "strategy", "eval_every")
+
+
+@dataclass(frozen=True)
+class VictimSpec:
+    """What an adaptive or transfer attacker knows of the victim: its model, its training
+    recipe (the job's ``train`` mapping), scenario, defense and base model."""
+
+    model: str
+    model_params: dict
+    train: dict
+    scenario: str = "scratch"
+    defense: str = "none"
+    defense_params: dict = dataclasses.field(default_factory=dict)
+    base_model: dict | None = None
+
+    def key(self, defense: bool = True) -> dict:
+        """JSON-able, hashed into store keys; without the defense for an attack whose
+        surrogate does not train with it (its store then serves every defense column)."""
+        train = {k: v for k, v in self.train.items() if k not in EXECUTION_KEYS}
+        out = {"model": self.model, "model_params": self.model_params, "train": train,
+               "scenario": self.scenario, "base_model": self.base_model}
+        if defense:
+            out.update(defense=self.defense, defense_params=self.defense_params)
+        return out
+
+
+@dataclass(frozen=True)
+class AttackInput:
+    """Everything an attack may use (integrity attacks take it whole)."""
+
+    train: ImageSet
+    seed: int
+    device: DeviceSpec = "cpu"
+    test: ImageSet | None = None
+    target: Target | None = None
+    victim: VictimSpec | None = None
+
+
+IntegrityCraftFn = Callable[[AttackInput, Any], PoisonStore]
 
 
 @dataclass(frozen=True)
@@ -68,12 +123,19 @@ class Attack:
     norm: str = "linf"  # the ball of its budget param: linf | l2 (module docstring, ``budget``)
     budget_param: str = "eps"  # the param that is its budget; absent from its params: it changes nothing
     keeps_labels: bool = True  # clean-label: its stores keep every training label
+    integrity: bool = False  # craft(inp: AttackInput, params) against inp.target (module docstring)
+    victim: str = "none"  # none | recipe | adaptive: what of inp.victim its store depends on
+    targets: int | None = 1  # test images of the target class a trial draws for it (None: all, up to 1000)
 
     def __post_init__(self) -> None:
         if self.ranks not in RANKS:
             raise ValueError(f"attack {self.name!r}: ranks must be one of {', '.join(RANKS)}, got {self.ranks!r}")
         if self.norm not in BUDGET_NORMS:
             raise ValueError(f"attack {self.name!r}: norm must be one of {', '.join(BUDGET_NORMS)}, got {self.norm!r}")
+        if self.victim not in VICTIM_USES:
+            raise ValueError(f"attack {self.name!r}: victim must be one of {', '.join(VICTIM_USES)}, got {self.victim!r}")
+        if self.integrity and self.ranks != "one":
+            raise ValueError(f"attack {self.name!r}: integrity attacks craft on one device (ranks='one')")
 
     def budget(self, params: Any, image_shape: tuple[int, ...]) -> tuple[str, float]:
         """The (norm, eps) its stores must declare for ``params`` on images of ``image_shape``
@@ -83,7 +145,7 @@ class Attack:
         eps = float(getattr(params, self.budget_param))
         if self.norm == "l2":
             return "l2", math.sqrt(math.prod(image_shape)) * eps
-        return "linf", eps
+        return self.norm, eps  # linf: a radius in pixels; l0: a pixel count
 
     def devices(self, device: DeviceSpec = "cpu") -> list[torch.device]:
         """The devices this attack crafts on for ``device`` (one, a list, or ``cuda:0,cuda:1``):
@@ -96,14 +158,23 @@ class Attack:
         (unknown keys, types, each field's declared range)."""
         return parse_params(self.params_type, overrides, f"attack {self.name!r}", "attack_params")
 
-    def craft(self, imageset: ImageSet, params: dict | Any = None, seed: int = 0,
-              device: DeviceSpec = "cpu") -> PoisonStore:
+    def craft(self, imageset: ImageSet | AttackInput, params: dict | Any = None, seed: int | None = None,
+              device: DeviceSpec | None = None) -> PoisonStore:
         """The store for (params, seed), crafted on ``device``: one device, or several
-        (one rank each, see ``devices``)."""
+        (one rank each, see ``devices``). ``imageset`` may be an ``AttackInput`` (an
+        integrity attack needs one); ``seed`` and ``device`` then default to its own (else
+        to 0 and the CPU)."""
         if not isinstance(params, self.params_type):
             params = self.params(params)
-        if not 0 <= int(seed) < 2**32:
-            raise ConfigError(f"seed must lie in [0, 2**32), got {seed}")
+        if seed is None and not isinstance(imageset, AttackInput):
+            seed = 0
+        inp = self.input(imageset, seed, device)
+        if self.integrity:
+            store = self.craft_fn(dataclasses.replace(inp, device=self.devices(inp.device)[0]), params)
+            store.verify(inp.train, inp.test)
+            check_store(store, self, params, inp.seed, inp.train, inp.target)
+            return store
+        imageset, seed, device = inp.train, inp.seed, inp.device
         devices = self.devices(device)
         if len(devices) == 1:
             store = self.craft_fn(imageset, params, int(seed), devices[0])
@@ -113,20 +184,62 @@ class Attack:
         check_store(store, self, params, seed, imageset)  # and so is one that breaks its declaration
         return store
 
+    def input(self, data: ImageSet | AttackInput, seed: int | None = None,
+              device: DeviceSpec | None = None) -> AttackInput:
+        """``data`` as an ``AttackInput`` (``seed``/``device`` given here override its own),
+        checked for what this attack needs."""
+        if isinstance(data, AttackInput):
+            inp = data
+            if seed is not None:
+                inp = dataclasses.replace(inp, seed=int(seed))
+            if device is not None:
+                inp = dataclasses.replace(inp, device=device)
+        else:
+            if seed is None:
+                raise ConfigError(f"attack {self.name!r} needs a seed")
+            inp = AttackInput(data, int(seed), "cpu" if device is None else device)
+        if not 0 <= int(inp.seed) < 2**32:
+            raise ConfigError(f"seed must lie in [0, 2**32), got {inp.seed}")
+        if self.integrity:
+            if inp.target is None:
+                raise ConfigError(f"attack {self.name!r} is an integrity attack: it needs a trial's target")
+            if inp.test is not None and inp.test.fingerprint != inp.target.test_fingerprint:
+                raise ConfigError(f"the target of attack {self.name!r} was drawn from another test split than the one given")
+        return inp
+
+    def cache_context(self, inp: AttackInput) -> dict | None:
+        """What an integrity attack's store depends on besides (params, base, seed)."""
+        if not self.integrity:
+            return None
+        context = {"target": inp.target.key()}
+        if self.victim != "none" and inp.victim is not None:
+            context["victim"] = inp.victim.key(defense=self.victim == "adaptive")
+        return context
+
+    def draw_target(self, train: ImageSet, test: ImageSet, seed: int, params: Any) -> Target:
+        """The trial's target for this attack: its poison budget (``params.budget``) and
+        its number of target images (``targets``)."""
+        if not hasattr(params, "budget"):
+            raise ConfigError(f"attack {self.name!r} has no poison budget parameter")
+        return draw_target(train, test, seed, float(params.budget), targets=self.targets)
+
 
 ATTACKS: Registry[Attack] = Registry("attack")
 
 
 def register_attack(name: str, params_type: type, version: int = 1,
                     smoke: dict | None = None, ranks: str = "one", norm: str = "linf",
-                    budget_param: str = "eps", keeps_labels: bool = True) -> Callable[[CraftFn], CraftFn]:
+                    budget_param: str = "eps", keeps_labels: bool = True, integrity: bool = False,
+                    victim: str = "none", targets: int | None = 1) -> Callable[[CraftFn], CraftFn]:
     """Register ``craft_fn`` under ``name`` with its hyperparameter dataclass (the
     parameters of its smoke run, how it uses several devices: ``ranks``, and what its
-    stores may change: ``norm``, ``budget_param``, ``keeps_labels``)."""
+    stores may change: ``norm``, ``budget_param``, ``keeps_labels``). ``integrity``: its
+    craft function is ``craft(inp: AttackInput, params)`` (module docstring), its store
+    depends on ``victim`` of the input, and a trial draws ``targets`` target images."""
 
     def add(craft_fn: CraftFn) -> CraftFn:
         ATTACKS.register(name)(Attack(name, params_type, craft_fn, version, dict(smoke or {}), ranks,
-                                      norm, budget_param, bool(keeps_labels)))
+                                      norm, budget_param, bool(keeps_labels), bool(integrity), victim, targets))
         return craft_fn
 
     return add
@@ -136,11 +249,13 @@ def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
 
 
-def check_store(store: PoisonStore, attack: Attack, params: Any, seed: int, imageset: ImageSet) -> None:
+def check_store(store: PoisonStore, attack: Attack, params: Any, seed: int, imageset: ImageSet,
+                target: Target | None = None) -> None:
     """Raise PoisonStoreError unless ``store`` is what ``attack`` with ``params`` and ``seed``
-    makes on ``imageset``, as far as its metadata and labels tell: what was asked for, not
-    what the file says (a store copied onto another key's path, a declared budget that is
-    not its params', labels a clean-label attack does not change)."""
+    makes on ``imageset`` (and, for an integrity attack, against ``target``), as far as its
+    metadata and labels tell: what was asked for, not what the file says (a store copied
+    onto another key's path, a declared budget that is not its params', labels a
+    clean-label attack does not change, another trial's target)."""
     where = f"poison store {store.path}" if store.path else "poison store"
     asked = {"attack": attack.name, "params": params_dict(params), "seed": int(seed),
              "dataset": imageset.name, "base_fingerprint": imageset.fingerprint}
@@ -155,18 +270,38 @@ def check_store(store: PoisonStore, attack: Attack, params: Any, seed: int, imag
         raise PoisonStoreError(f"{where} holds {key} {held[key]!r}, not the {want!r} asked for")
     norm, eps = attack.budget(params, tuple(imageset.images.shape[1:]))
     if store.norm != norm or not math.isclose(store.eps, eps, rel_tol=1e-9, abs_tol=0.0):
-        raise PoisonStoreError(f"{where} declares budget {store.norm} {store.eps * 255:.4g}/255, but {attack.name} "
-                               f"with its params has {norm} {eps * 255:.4g}/255")
+        def show(n: str, e: float) -> str:  # an l0 budget is a pixel count, the others pixel levels
+            return f"{n} {e:g} pixels" if n == "l0" else f"{n} {e * 255:.4g}/255"
+        raise PoisonStoreError(f"{where} declares budget {show(store.norm, store.eps)}, but {attack.name} "
+                               f"with its params has {show(norm, eps)}")
+    if attack.integrity:
+        _check_target(store, attack, params, imageset, target, where)
     if attack.keeps_labels and store.index.numel():
         changed = int((store.labels != imageset.labels[store.index]).sum())
         if changed:
             raise PoisonStoreError(f"{where} changes {changed} labels, but {attack.name} is a clean-label attack")
 
 
-def check_declared(store: PoisonStore, imageset: ImageSet) -> PoisonStore:
+def _check_target(store: PoisonStore, attack: Attack, params: Any, imageset: ImageSet,
+                  target: Target | None, where: str) -> None:
+    """An integrity store attacks its trial's target with the poisons its budget allows."""
+    held = store.target
+    if held is None:
+        raise PoisonStoreError(f"{where} is a {attack.name} store without targets (target_index, target_label)")
+    if hasattr(params, "budget") and store.index.numel() > poison_count(float(params.budget), len(imageset)):
+        raise PoisonStoreError(f"{where} changes {store.index.numel()} images, more than {attack.name}'s budget "
+                               f"{params.budget:g} of {len(imageset)} allows")
+    if target is not None:
+        problem = held.mismatch(target)
+        if problem:
+            raise PoisonStoreError(f"{where} attacks another trial's target: its {problem} differ from those asked for")
+
+
+def check_declared(store: PoisonStore, imageset: ImageSet, target: Target | None = None) -> PoisonStore:
     """``check_store`` against what the store itself names (a store given by path, not
-    by a cache key): a registered attack's declared budget and labels. A store of an
-    attack this poisonbench does not know is held to its own verified budget alone."""
+    by a cache key): a registered attack's declared budget and labels (and an integrity
+    store's target, against ``target`` when given). A store of an attack this
+    poisonbench does not know is held to its own verified budget alone."""
     if store.attack not in ATTACKS:
         return store
     attack = ATTACKS.get(store.attack)
@@ -174,14 +309,18 @@ def check_declared(store: PoisonStore, imageset: ImageSet) -> PoisonStore:
         params = attack.params(store.params)
     except ConfigError as err:
         raise PoisonStoreError(f"poison store {store.path} holds params that {attack.name} does not take ({err})") from None
-    check_store(store, attack, params, store.seed, imageset)
+    check_store(store, attack, params, store.seed, imageset, target)
     return store
 
 
-def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
-                 device: DeviceSpec = "cpu", *, progress: bool = False,
+def craft_cached(name: str, imageset: ImageSet | AttackInput, params: dict | None, seed: int | None = None,
+                 device: DeviceSpec | None = None, *, progress: bool = False,
                  checkpoint_every_s: float = 180.0) -> tuple[PoisonStore, float]:
     """Open the store for this exact (attack, params, base, seed) or craft and save it.
+
+    ``imageset`` may be an ``AttackInput`` (an integrity attack needs one: its key adds
+    the target, and the victim where its store depends on it); ``seed`` and ``device``
+    then default to the input's.
 
     ``device``: one device, or several as one rank each (``["cuda:0", "cuda:1"]``,
     ``"cpu,cpu"``; the store, and so its cache key, is the one-device store). An
@@ -195,13 +334,16 @@ def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
 
     attack = ATTACKS.get(name)
     full = attack.params(params)
-    devices = attack.devices(device)
+    inp = attack.input(imageset, seed, device)
+    imageset, seed = inp.train, inp.seed
+    devices = attack.devices(inp.device)
     world = len(devices)
-    path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version)
+    path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version,
+                      attack.cache_context(inp))
     if path.exists():
         try:
-            store = PoisonStore.open(path, imageset)
-            check_store(store, attack, full, seed, imageset)
+            store = PoisonStore.open(path, imageset, inp.test if attack.integrity else None)
+            check_store(store, attack, full, seed, imageset, inp.target)
             craft_cost(path)  # a bad cost record is named now, not after training
             return store, 0.0
         except PoisonStoreError as err:  # a cache entry is derived data: make it again
@@ -213,7 +355,7 @@ def craft_cached(name: str, imageset: ImageSet, params: dict | None, seed: int,
     ctx = CraftContext(checkpoint=partial, every_s=checkpoint_every_s, progress=progress,
                        earlier_s=earlier, started_at=time.time())
     with crafting(ctx):
-        store = attack.craft(imageset, full, seed, devices)
+        store = attack.craft(inp if attack.integrity else imageset, full, seed, devices)
     seconds = earlier + time.perf_counter() - start
     store.save(path)
     for leftover in path.parent.glob(path.stem + ".partial*.safetensors"):  # per-rank files a crash left

@@ -75,12 +75,18 @@ def _swap_relu(module: nn.Module) -> None:
             _swap_relu(child)
 
 
+def recipe_config(recipe: SurrogateRecipe | dict) -> dict:
+    """The training mapping ``fit_clean`` takes: a ``SurrogateRecipe``'s, or a job's
+    ``train`` mapping as it is (the victim's recipe, for surrogates that imitate it)."""
+    return recipe.train_config() if isinstance(recipe, SurrogateRecipe) else dict(recipe)
+
+
 def surrogate_artifact(imageset: ImageSet, model: str, model_params: dict, activation: str,
-                       recipe: SurrogateRecipe, seed: int) -> Artifact:
+                       recipe: SurrogateRecipe | dict, seed: int) -> Artifact:
     """The cache address of a crafting model: everything that determines its weights."""
     return Artifact("surrogates", {
         "dataset": imageset.name, "fingerprint": imageset.fingerprint, "model": model,
-        "model_params": model_params, "activation": activation, "recipe": recipe.train_config(),
+        "model_params": model_params, "activation": activation, "recipe": recipe_config(recipe),
         "seed": int(seed), "version": 1})
 
 
@@ -108,9 +114,10 @@ def _save_weights(net: nn.Module, tmp: Path) -> None:
 
 
 def trained_model(imageset: ImageSet, model: str, model_params: dict | None, activation: str,
-                  recipe: SurrogateRecipe, seed: int, device: torch.device,
+                  recipe: SurrogateRecipe | dict, seed: int, device: torch.device,
                   progress: bool = False) -> tuple[ImageClassifier, float]:
-    """A crafting model trained on clean ``imageset`` (cached), in eval mode on ``device``.
+    """A crafting model trained on clean ``imageset`` (cached), in eval mode on ``device``;
+    ``recipe``: a ``SurrogateRecipe`` or a complete training mapping (a job's ``train``).
 
     Returns the model and the seconds spent training (0 on a cache hit).
     """
@@ -122,7 +129,7 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
         with torch.random.fork_rng(devices=[]):
             L.seed_everything(int(seed), verbose=False)
             net = build_crafting_model(model, imageset.num_classes, params, activation)
-            train = recipe.train_config()
+            train = recipe_config(recipe)
             if device.type == "cpu":
                 train["accelerator"] = "cpu"
             fit_clean(net, imageset, train, seed=int(seed), progress=progress)
