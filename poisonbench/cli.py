@@ -278,7 +278,11 @@ def cmd_train(args) -> None:
                          wandb=no_wandb_in_smoke_run(args), progress_bar=not args.fast_dev_run)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         m = result["metrics"]
-        print(f"clean test accuracy {m['test_acc']:.2f}%  ({job_dir / 'result.json'})")
+        if "test_acc" in m:
+            print(f"clean test accuracy {m['test_acc']:.2f}%  ({job_dir / 'result.json'})")
+        else:  # integrity: success on the target, accuracy on the rest of the test set
+            shown = "  ".join(f"{k} {v:.2f}%" for k, v in m.items() if v is not None)
+            print(f"{shown}  ({job_dir / 'result.json'})")
 
 
 def cmd_inspect(args) -> None:

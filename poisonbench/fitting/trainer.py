@@ -22,7 +22,7 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     for pattern in (".*smaller than the logging interval.*", ".*exists and is not empty.*",
                     ".*overridden `on_after_batch_transfer`.*", ".*LeafSpec.*is deprecated.*",
-                    ".*litlogger.*", ".*anonymous.*"):
+                    ".*litlogger.*", ".*anonymous.*", ".*The `srun` command is available.*"):
         warnings.filterwarnings("ignore", pattern)
 
 

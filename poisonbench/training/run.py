@@ -23,7 +23,7 @@ import yaml
 
 from poisonbench import provenance
 from poisonbench.attacks import ATTACKS, craft_cached
-from poisonbench.attacks.base import check_declared, craft_cost
+from poisonbench.attacks.base import AttackInput, VictimSpec, check_declared, craft_cost
 from poisonbench.schema.job_config import CONFIG_FILE, check_scenario
 from poisonbench.schema.job_dir import Claim, claim, clear_job_dir, inherited_claim, make_job_dir
 from poisonbench.schema.result import RESULT_FILE, RESULT_FORMAT_VERSION, metric_problem
@@ -38,6 +38,7 @@ from poisonbench.models import build_model
 from poisonbench.fitting.base_model import base_model, base_model_config
 from poisonbench.fitting.fit import fit
 from poisonbench.fitting.linear_eval import linear_eval
+from poisonbench.fitting.targets import target_metrics, validation_set
 from poisonbench.fitting.trainer import quiet_lightning
 
 # --fast-dev-run checks that a job runs end to end, not what it measures: one batch of
@@ -151,12 +152,21 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     craft_device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = bool(config.get("fast_dev_run"))
     if store_path is not None:
-        store, craft_s = check_declared(PoisonStore.open(store_path, base), base), 0.0
+        store, craft_s = check_declared(PoisonStore.open(store_path, base, test), base), 0.0
     else:
+        attack = ATTACKS.get(config["attack"])
         attack_params = dict(config.get("attack_params") or {})
         if fast:  # the same code path at a smoke run's cost (a few steps, a tiny crafting model)
-            attack_params = {**attack_params, **ATTACKS.get(config["attack"]).smoke}
-        store, craft_s = craft_cached(config["attack"], base, attack_params,
+            attack_params = {**attack_params, **attack.smoke}
+        data = base
+        if attack.integrity:  # the trial's target, from its seed alone (paired across columns)
+            target = attack.draw_target(base, test, int(config["poison_seed"]), attack.params(attack_params))
+            victim = VictimSpec(config["model"], dict(config.get("model_params") or {}), train_cfg, scenario,
+                                config.get("defense", "none"), dict(config.get("defense_params") or {}),
+                                config.get("base_model"))
+            data = AttackInput(base, int(config["poison_seed"]), craft_device, test=test, target=target,
+                               victim=victim)
+        store, craft_s = craft_cached(config["attack"], data, attack_params,
                                       int(config["poison_seed"]), craft_device, progress=progress_bar)
     if config.get("task", "train") != "train":
         return _analysis_job(config, job_dir, base, store, craft_s, fast, wandb)
@@ -167,7 +177,12 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
 
         log_craft(config, job_dir, {"craft_s": craft_s, **store.budget})
     sizes = {"batch_size": batch_size, **({"eval_batch_size": FAST_DEV_BATCH} if fast else {})}
-    datamodule = PoisonedDataModule(base, test, store, ratio=float(config.get("ratio", 1.0)),
+    target = store.target
+    if target is not None:  # integrity: the targets leave the set that accuracy is measured on
+        evaluated = validation_set(test, target.target_index)
+    else:
+        evaluated = test
+    datamodule = PoisonedDataModule(base, evaluated, store, ratio=float(config.get("ratio", 1.0)),
                                     seed=int(config["seed"]), drop_poisoned=bool(config.get("drop_poisoned")),
                                     **sizes)
     device = compute_device(train_cfg)
@@ -184,6 +199,11 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
         outcome, write = _linear_eval(model, datamodule, config, device, fast), True
     else:
         outcome, write = _train(model, datamodule, config, train_cfg, defense, job_dir, fast, wandb, progress_bar)
+    if target is not None:
+        adversarial = target.adversarial_class
+        metrics = outcome["metrics"]
+        metrics["val_acc"] = metrics.pop("test_acc")
+        metrics.update(target_metrics(model, store, test, adversarial, next(model.parameters()).device))
 
     result = {
         "format_version": RESULT_FORMAT_VERSION,
@@ -197,6 +217,9 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
                   "budget": store.budget if store.index.numel() else None,
                   "craft_cost": craft_cost(store.path)},
         "defense": {**defense.describe(), "filter": filtered},
+        **({"target": {"target_index": list(target.target_index),
+                       "target_class": int(test.labels[target.target_index[0]]),
+                       "adversarial_class": target.adversarial_class}} if target is not None else {}),
         **({"base_model": base_info} if base_info else {}),
         "hardware": outcome["hardware"],
         "versions": provenance.versions(),
