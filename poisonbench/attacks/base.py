@@ -105,6 +105,10 @@ class AttackInput:
     test: ImageSet | None = None
     target: Target | None = None
     victim: VictimSpec | None = None
+    # The weights file of the victim's base model (finetune, transfer): the paper's
+    # attacker knows it and crafts on it. Not part of a store's key: ``victim.base_model``
+    # (what makes the file) is.
+    base_weights: Path | None = None
 
 
 IntegrityCraftFn = Callable[[AttackInput, Any], PoisonStore]

@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 
 from poisonbench.attacks import crafting
 from poisonbench.attacks.base import AttackInput, params_dict, register_attack
@@ -48,6 +49,7 @@ from poisonbench.data.augment import translate_flip
 from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
 from poisonbench.errors import ConfigError
+from poisonbench.models import build_model
 
 SCALES = ("std", "pixel")
 # What a surrogate override may set (gradient_matching's ``surrogate`` param).
@@ -101,10 +103,6 @@ def surrogate_spec(inp: AttackInput, params: GradientMatchingParams) -> tuple[st
     """(model, model_params, training mapping) of the surrogate: the victim's, with the
     ``surrogate`` param's changes, on one device."""
     over, victim = dict(params.surrogate), inp.victim
-    if victim is not None and victim.scenario != "scratch":
-        # The paper's transfer/fine-tune attacker crafts on the base model: not built yet.
-        raise ConfigError(f"gradient_matching crafts on a surrogate trained from scratch; the {victim.scenario} "
-                          "scenario's base-model surrogate is not supported yet")
     if victim is None and not {"model", "epochs"} <= set(over):
         raise ConfigError("gradient_matching trains its surrogate with the victim's recipe: give the victim, "
                           "or the surrogate param with at least model and epochs")
@@ -121,6 +119,20 @@ def surrogate_spec(inp: AttackInput, params: GradientMatchingParams) -> tuple[st
             train[key] = over[key]
     train.update(accelerator="auto", devices=1, strategy="auto", eval_every=max(int(train["epochs"]), 1))
     return model, model_params, train
+
+
+def base_surrogate(inp: AttackInput, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """Fine-tuning and transfer: the attacker crafts on the victim's base model (it knows
+    it, App. C), matching the gradients of what the victim trains: every parameter when
+    fine-tuning, the linear layer alone in transfer."""
+    victim = inp.victim
+    if inp.base_weights is None:
+        raise ConfigError(f"gradient_matching against a {victim.scenario} victim needs its base model's weights")
+    model = build_model(victim.model, num_classes, **dict(victim.model_params))
+    model.load_state_dict(load_file(str(inp.base_weights)))
+    if victim.scenario == "transfer":
+        model.backbone.requires_grad_(False)
+    return model.to(device)
 
 
 def _scale(model: torch.nn.Module, params: GradientMatchingParams) -> torch.Tensor | None:
@@ -175,10 +187,13 @@ def craft(inp: AttackInput, params: GradientMatchingParams) -> PoisonStore:
         raise ConfigError(f"the trial's target has {len(target.poison_index)} poison images; gradient_matching "
                           f"with budget {params.budget:g} needs {count}")
     ctx = crafting.context()
-    model_name, model_params, recipe = surrogate_spec(inp, params)
-    surrogate_seed = inp.seed if params.surrogate_seed is None else int(params.surrogate_seed)
-    model, _ = trained_model(train, model_name, model_params, "relu", recipe, surrogate_seed, device,
-                             progress=ctx.progress)
+    if inp.victim is not None and inp.victim.scenario != "scratch":
+        model = base_surrogate(inp, train.num_classes, device)
+    else:
+        model_name, model_params, recipe = surrogate_spec(inp, params)
+        surrogate_seed = inp.seed if params.surrogate_seed is None else int(params.surrogate_seed)
+        model, _ = trained_model(train, model_name, model_params, "relu", recipe, surrogate_seed, device,
+                                 progress=ctx.progress)
     model.eval()  # BatchNorm's running statistics, as the authors' victim.eval()
 
     targets = torch.tensor(target.target_index, dtype=torch.int64)

@@ -151,6 +151,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     test = load_imageset(config["dataset"], data_root, "test")
     craft_device = "cuda" if torch.cuda.is_available() else "cpu"
     fast = bool(config.get("fast_dev_run"))
+    base_victim, base_info = None, None
     if store_path is not None:
         store, craft_s = check_declared(PoisonStore.open(store_path, base, test), base), 0.0
     else:
@@ -159,13 +160,15 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
         if fast:  # the same code path at a smoke run's cost (a few steps, a tiny crafting model)
             attack_params = {**attack_params, **attack.smoke}
         data = base
+        if attack.integrity and config.get("base_model") is not None:  # the attacker knows the base model
+            base_victim, train_cfg, base_info = _from_base_model(config, base, train_cfg, progress_bar)
         if attack.integrity:  # the trial's target, from its seed alone (paired across columns)
             target = attack.draw_target(base, test, int(config["poison_seed"]), attack.params(attack_params))
             victim = VictimSpec(config["model"], dict(config.get("model_params") or {}), train_cfg, scenario,
                                 config.get("defense", "none"), dict(config.get("defense_params") or {}),
                                 config.get("base_model"))
             data = AttackInput(base, int(config["poison_seed"]), craft_device, test=test, target=target,
-                               victim=victim)
+                               victim=victim, base_weights=Path(base_info["path"]) if base_info else None)
         store, craft_s = craft_cached(config["attack"], data, attack_params,
                                       int(config["poison_seed"]), craft_device, progress=progress_bar)
     if config.get("task", "train") != "train":
@@ -191,8 +194,9 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     model = build_model(config["model"], base.num_classes, **model_params)
     model = defense.prepare_model(model, base.num_classes, config=config,
                                   data_root=None if data_root is None else str(data_root))
-    base_info = None
-    if config.get("base_model") is not None:  # finetune and transfer start from it
+    if base_victim is not None:  # finetune and transfer start from the base model
+        model = base_victim
+    elif config.get("base_model") is not None:
         model, train_cfg, base_info = _from_base_model(config, base, train_cfg, progress_bar)
 
     if scenario == "linear_eval":
