@@ -66,7 +66,14 @@ def check_lbfgs(device: torch.device, capsys) -> None:
         figure(line, out, group)
 
 
-CHECKS = [check_crafting_and_projection, check_features, check_lbfgs]
+def check_gradient_matching(device: torch.device, capsys) -> None:
+    speed.bench_gradient_matching([device], steps=1, models={"small_cnn": {"pool": 1, "width": 4}}, poisons=4)
+    out = capsys.readouterr().out
+    figure(rf"gradient_matching small_cnn, {device}: {NUMBER} s per 100 poisons per step \(4 poisons, mean of 1 steps\)",
+           out)
+
+
+CHECKS = [check_crafting_and_projection, check_features, check_lbfgs, check_gradient_matching]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))

@@ -33,6 +33,8 @@ Costs on each ``--device`` (no target; what a run will take):
    robuster paper's 5 steps at p = 0.75, gradient matching) over a plain training step
    (forward, backward, SGD), same model and batch, for small_cnn (the cpu profile's)
    and ResNet-18 (the issue's target: ≤ ~4×).
+9. ``gradient_matching``: seconds per 100 poisons per crafting step of
+   ``gradient_matching`` (cosine, augmentation on) against small_cnn and ResNet-18.
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
 sections 4–8 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
@@ -63,7 +65,8 @@ import numpy as np
 import torch
 from torch import nn
 
-SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning")
+SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
+            "gradient_matching")
 MiB, GiB = 2**20, 2**30
 
 
@@ -590,6 +593,47 @@ def bench_lbfgs(devices: Sequence[torch.device], n: int = 50_000, d: int = 512, 
 ADV_POISONING_BATCH = {"cpu": {"small_cnn": 128, "resnet18": 32}, "cuda": {"small_cnn": 128, "resnet18": 128}}
 
 
+GM_POISONS = {"cpu": 100, "cuda": 500}  # poisons per matching batch: the cost scales with them
+GM_STEPS = 3
+
+
+def bench_gradient_matching(devices: Sequence[torch.device], steps: int = GM_STEPS,
+                            models: dict[str, dict] | None = None, poisons: int | None = None) -> None:
+    """Seconds per 100 poisons per step of gradient matching's crafting step (the
+    attack's own ``step_loss`` and ``SignedAdam``), after one warm-up step."""
+    from poisonbench.attacks.gradient_matching import GradientMatchingParams, step_loss
+    from poisonbench.attacks.gradients import gradient_norm, parameter_gradient
+    from poisonbench.attacks.steps import SignedAdam
+    from poisonbench.models import build_model
+
+    params = GradientMatchingParams()
+    for device in devices:
+        n = poisons or GM_POISONS[device.type]
+        for name, kwargs in (models or {"small_cnn": {"pool": 1, "width": 16}, "resnet18": {}}).items():
+            torch.manual_seed(0)
+            model = build_model(name, 10, **kwargs).to(device).eval()
+            g = torch.Generator(device=device).manual_seed(0)
+            clean = torch.rand(n, 3, 32, 32, generator=g, device=device)
+            labels = torch.randint(0, 10, (n,), generator=g, device=device)
+            target = torch.rand(1, 3, 32, 32, generator=g, device=device)
+            goal = tuple(x.detach() for x in parameter_gradient(model, target, labels[:1]))
+            norm = gradient_norm(goal)
+            opt = SignedAdam(clean, params.eps, generator=g)
+
+            def one_step() -> None:
+                grad, _ = step_loss(model, clean, opt.delta, labels, goal, norm, params, g)
+                opt.step(grad)
+                sync(device)
+
+            one_step()  # warm-up
+            start = time.perf_counter()
+            for _ in range(steps):
+                one_step()
+            per_step = (time.perf_counter() - start) / steps
+            print(f"gradient_matching {name}, {device}: {sig(per_step * 100 / n)} s per 100 poisons per step "
+                  f"({n} poisons, mean of {steps} steps)")
+
+
 def bench_adversarial_poisoning(devices: Sequence[torch.device], repeats: int,
                                 models: dict[str, dict] | None = None, batch: int | None = None,
                                 params: dict | None = None) -> dict[str, float]:
@@ -677,6 +721,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_lbfgs(devices)
         elif section == "adv_poisoning":
             bench_adversarial_poisoning(devices, args.repeats)
+        elif section == "gradient_matching":
+            bench_gradient_matching(devices)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 
