@@ -319,11 +319,11 @@ def cmd_leaderboard(args) -> None:
         plans = runner.plan(runner.resolve_tables(args.suite, args.table), profile=args.profile,
                             trials=None, rows=None, fast_dev_run=False)
         for p in plans:
-            if runner.write_leaderboard(p, wandb=args.wandb, console=console()) is None:
+            if runner.write_leaderboard(p, wandb=args.wandb, console=console(), force=args.force) is None:
                 print(f"{p.spec.id}: no results under {runs_root()}")
         render_all(runner.leaderboards_dir(), runs_root(), tables=[])
     else:
-        states = render_all(runner.leaderboards_dir(), runs_root(), profile=args.profile)
+        states = render_all(runner.leaderboards_dir(), runs_root(), profile=args.profile, force=args.force)
         for table, state in states.items():
             print(f"{table}: {state.status}")
     print(f"index: {runner.leaderboards_dir() / 'README.md'}")
@@ -487,6 +487,8 @@ def build_parser() -> Parser:
     which.add_argument("--table")
     sp.add_argument("--profile")
     sp.add_argument("--wandb", action="store_true")
+    sp.add_argument("--force", action="store_true",
+                    help="replace a leaderboard that holds more results than this home has (a partial run)")
     sp.set_defaults(func=cmd_leaderboard)
 
     sp = verb("data", help="download, check (md5) or write test fixtures of datasets")

@@ -263,7 +263,7 @@ def test_render_all_end_to_end(tmp_path):
     assert states["shortcuts/table3"].status == "not run"
     readme = (tmp_path / "boards" / "README.md").read_text()
     assert "| demo/digits |" in readme and "[demo/digits.md](demo/digits.md)" in readme
-    assert "| robuster/sec5_4 |" in readme and "not implemented" in readme
+    assert "| robuster/sec5_4 |" in readme and "| not run |" in readme
     assert not (tmp_path / "boards" / "shortcuts" / "table3.md").exists()  # no results, no leaderboard
     assert "51.00 ± 0.58 (n=3)" in (tmp_path / "boards" / "demo" / "digits.md").read_text()
 
@@ -281,3 +281,30 @@ def test_best_of_column_says_its_error_ignores_the_selection(tmp_path):
     assert f"[{best.chosen}]" in text
     assert "its ± is the standard error of that selected column alone, which ignores the selection" in text
     assert "## Notes" in text and "README command starts from zero" in text  # the spec's deviations
+
+
+def test_a_partial_home_does_not_replace_a_fuller_leaderboard(tmp_path, caplog):
+    """A leaderboard made from more results is kept when a home with fewer re-renders it
+    (a partial run); --force replaces it."""
+    import json
+
+    from poisonbench.bench.aggregate import aggregate
+    from poisonbench.bench.jobs import expand
+    from poisonbench.bench.render import render_table
+    from poisonbench.bench.tables import load_table
+
+    spec = load_table("demo/digits")
+    jobs = expand(spec, trials=2)
+
+    def results(n):
+        return {j.hash: {"job": j.hash, "config": j.config, "metrics": {"test_acc": 50.0 + j.trial},
+                         "finished_at": "2026-12-02T00:00:00+00:00"} for j in jobs[:n]}
+
+    full = results(len(jobs))
+    path = render_table(spec, aggregate(spec, jobs, full), full, tmp_path, "cpu")
+    before = path.read_text()
+    few = results(2)
+    render_table(spec, aggregate(spec, jobs, few), few, tmp_path, "cpu")
+    assert path.read_text() == before and "kept" in caplog.text
+    render_table(spec, aggregate(spec, jobs, few), few, tmp_path, "cpu", force=True)
+    assert json.loads(path.with_suffix(".json").read_text())["provenance"]["jobs"]["completed"] == 2

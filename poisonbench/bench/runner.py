@@ -197,14 +197,15 @@ def gpu_devices(gpus: list[str]) -> list[str]:
     return devices
 
 
-def write_leaderboard(p: Plan, *, wandb: bool = False, console: Console | None = None) -> Path | None:
+def write_leaderboard(p: Plan, *, wandb: bool = False, console: Console | None = None,
+                      force: bool = False) -> Path | None:
     root = runs_root()
     results = read_results(p.jobs, root)
     if not results:
         return None
     cells = aggregate(p.spec, p.jobs, results)
     profile = p.jobs[0].config["profile"]
-    path = render_table(p.spec, cells, results, leaderboards_dir(), profile)
+    path = render_table(p.spec, cells, results, leaderboards_dir(), profile, force=force)
     if console:
         table = [line for line in path.read_text().splitlines() if line.startswith("|")]
         console.print(f"{p.spec.title} (profile {profile})", style="bold", markup=False)
