@@ -176,10 +176,10 @@ def test_the_surrogate_recipe_is_the_victims(digits):
 
 @pytest.mark.slow
 def test_gradient_matching_makes_a_fresh_victim_misclassify_its_target(digits):
-    """A few trials on digits with the cpu recipe: poisons crafted on a surrogate trained
-    with the victim's recipe make a freshly initialised victim classify the target as the
-    adversarial class in some of them (a clean victim classifies it as the adversarial
-    class in none: the target is drawn among test images of another class)."""
+    """Four trials on digits with the cpu recipe, 5 % budget, ε 16/255, 240 steps: poisons
+    crafted on a surrogate trained with the victim's recipe make a freshly initialised
+    victim classify its target as the adversarial class in some trials, where the same
+    victim trained on the clean set does in none (measured: 1 of 4, against 0 of 4)."""
     import lightning as L
 
     from poisonbench.fitting.fit import fit_clean
@@ -190,16 +190,18 @@ def test_gradient_matching_makes_a_fresh_victim_misclassify_its_target(digits):
     train, test = digits
     victim = VictimSpec("small_cnn", {"pool": 1}, CPU_TRAIN)
     attack = ATTACKS.get("gradient_matching")
-    params = attack.params({"budget": 0.05, "steps": 120})
-    successes, start, trials = 0, time.perf_counter(), 4
+    params = attack.params({"budget": 0.05})
+    hits = {"clean": 0, "poisoned": 0}
+    start, trials = time.perf_counter(), 4
     for k in range(trials):
-        target = attack.draw_target(train, test, 100 + k, params)
-        store = attack.craft(AttackInput(train, 100 + k, test=test, target=target, victim=victim), params)
-        L.seed_everything(7_000 + k, verbose=False)
-        net = build_model("small_cnn", train.num_classes, pool=1)
-        fit_clean(net, store.apply(train), CPU_TRAIN, seed=7_000 + k)
-        with torch.no_grad():
-            pred = int(net.eval()(test.images[list(target.target_index)].float() / 255).argmax(1)[0])
-        successes += pred == target.adversarial_class
-    print(f"gradient matching on digits: {successes}/{trials} trials, {time.perf_counter() - start:.0f} s")
-    assert successes >= 1
+        target = attack.draw_target(train, test, 1000 + k, params)
+        store = attack.craft(AttackInput(train, 1000 + k, test=test, target=target, victim=victim), params)
+        x_t = test.images[list(target.target_index)].float() / 255
+        for name, data in (("clean", train), ("poisoned", store.apply(train))):
+            L.seed_everything(5000 + k, verbose=False)  # the victim's own init, not the surrogate's
+            net = build_model("small_cnn", train.num_classes, pool=1)
+            fit_clean(net, data, CPU_TRAIN, seed=5000 + k)
+            with torch.no_grad():
+                hits[name] += int(net.eval()(x_t).argmax(1)[0]) == target.adversarial_class
+    print(f"gradient matching on digits: {hits} of {trials} trials, {time.perf_counter() - start:.0f} s")
+    assert hits["poisoned"] >= 1 and hits["poisoned"] > hits["clean"]
