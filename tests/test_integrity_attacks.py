@@ -127,7 +127,7 @@ def test_gradient_matching_without_a_victim_or_surrogate_is_refused(digits):
     with pytest.raises(ConfigError, match="give the victim, or the surrogate param"):
         attack.craft(inp, params)
     transfer = VictimSpec("small_cnn", {"pool": 1}, CPU_TRAIN, scenario="transfer")
-    with pytest.raises(ConfigError, match="transfer scenario's base-model surrogate is not supported yet"):
+    with pytest.raises(ConfigError, match="needs its base model's weights"):
         attack.craft(dataclasses.replace(inp, victim=transfer), params)
 
 
