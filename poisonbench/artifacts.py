@@ -100,12 +100,15 @@ def remove(path: str | Path) -> None:
 
 
 def get_or_make(artifact: Artifact | Path, *, load: Callable[[Path], T], make: Callable[[Path], T],
-                save: Callable[[T, Path], None], describe: Callable[[], dict] | None = None) -> Made[T]:
+                save: Callable[[T, Path], None], describe: Callable[[], dict] | None = None,
+                earlier_s: float = 0.0) -> Made[T]:
     """Load the entry at ``artifact``'s path, or make, save and record it.
 
     ``load`` raises ``CorruptArtifact`` (or an ``OSError``, ``ValueError`` or safetensors
     error) for an entry that is not what the key says; that entry is removed and made
-    again. ``describe`` adds fields to the cost record (hardware, ranks).
+    again. ``describe`` adds fields to the cost record (hardware, ranks), called after the
+    entry is saved. ``earlier_s``: seconds that interrupted attempts already spent on a
+    resumable ``make``, counted in the cost.
     """
     path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
     if path.is_file():
@@ -116,7 +119,7 @@ def get_or_make(artifact: Artifact | Path, *, load: Callable[[Path], T], make: C
             remove(path)
     start = time.perf_counter()
     value = make(path)
-    seconds = time.perf_counter() - start
+    seconds = earlier_s + time.perf_counter() - start
     with atomic_path(path) as tmp:
         save(value, tmp)
     write_cost(path, seconds, **(describe() if describe else {}))

@@ -1,5 +1,5 @@
 """Cache entries besides stores are verified when read: a corrupt crafting-cost record
-(``.craft.json``) is named with the command that removes it and never fails a finished
+(``<store>.cost.json``) is named with the command that removes it and never fails a finished
 job; a corrupt cached crafting model is trained again. A crafting run that was
 interrupted and resumed records the seconds of every segment."""
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_craft_cached_on_two_ranks_writes_one_store_and_its_cost(digits96, one_t
     assert seconds > 0
     folder = store.path.parent
     assert sorted(p.name for p in folder.glob(store.path.stem + "*")) == [
-        store.path.stem + ".craft.json", store.path.name]
+        store.path.stem + ".cost.json", store.path.name]
     cost = json.loads(craft_cost_path(store.path).read_text())
     assert cost["ranks"] == 2 and cost["hardware"].startswith("cpu ×2 ranks")
     again, cached = craft_cached("error_minimizing", digits96, smoke, 11, TWO)

@@ -51,7 +51,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 
+from poisonbench.artifacts import CorruptArtifact, cost_path, get_or_make
 from poisonbench.attacks.distributed import DeviceSpec, parse_devices, run_ranks
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore, cache_path
@@ -341,39 +343,44 @@ def craft_cached(name: str, imageset: ImageSet | AttackInput, params: dict | Non
     inp = attack.input(imageset, seed, device)
     imageset, seed = inp.train, inp.seed
     devices = attack.devices(inp.device)
-    world = len(devices)
     path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version,
                       attack.cache_context(inp))
-    if path.exists():
-        try:
-            store = PoisonStore.open(path, imageset, inp.test if attack.integrity else None)
-            check_store(store, attack, full, seed, imageset, inp.target)
-            craft_cost(path)  # a bad cost record is named now, not after training
-            return store, 0.0
-        except PoisonStoreError as err:  # a cache entry is derived data: make it again
-            log.warning("%s; crafting it again", err)
     partial = path.with_name(path.stem + ".partial.safetensors")
+
+    def load(entry: Path) -> PoisonStore:
+        try:
+            store = PoisonStore.open(entry, imageset, inp.test if attack.integrity else None)
+            check_store(store, attack, full, seed, imageset, inp.target)
+        except PoisonStoreError as err:  # a cache entry is derived data: make it again
+            raise CorruptArtifact(f"{err}; crafting it again") from None
+        craft_cost(entry)  # a bad cost record is named now, not after training
+        return store
+
+    def make(_entry: Path) -> PoisonStore:
+        ctx = CraftContext(checkpoint=partial, every_s=checkpoint_every_s, progress=progress,
+                           earlier_s=earlier, started_at=time.time())
+        with crafting(ctx):
+            return attack.craft(inp if attack.integrity else imageset, full, seed, devices)
+
+    def save(store: PoisonStore, tmp: Path) -> None:
+        save_file(store.tensors(), str(tmp), metadata=store.metadata())
+
     # Seconds the interrupted runs before this one spent, as their last checkpoint recorded.
     earlier = crafting_seconds(partial)
-    start = time.perf_counter()
-    ctx = CraftContext(checkpoint=partial, every_s=checkpoint_every_s, progress=progress,
-                       earlier_s=earlier, started_at=time.time())
-    with crafting(ctx):
-        store = attack.craft(inp if attack.integrity else imageset, full, seed, devices)
-    seconds = earlier + time.perf_counter() - start
-    store.save(path)
-    for leftover in path.parent.glob(path.stem + ".partial*.safetensors"):  # per-rank files a crash left
-        leftover.unlink(missing_ok=True)
-    from poisonbench.files import write_json
-
-    write_json(craft_cost_path(path), {"seconds": round(seconds, 3), "hardware": describe_devices(devices),
-                                       "ranks": world, "resumed_s": round(earlier, 3),
-                                       "store_sha256": PoisonStore.read_metadata(path)["content_sha256"]})
-    return store, seconds
+    made = get_or_make(path, load=load, make=make, save=save, earlier_s=earlier,
+                       describe=lambda: {"hardware": describe_devices(devices), "ranks": len(devices),
+                                         "resumed_s": round(earlier, 3),
+                                         "store_sha256": PoisonStore.read_metadata(path)["content_sha256"]})
+    made.value.path = path
+    if not made.cached:
+        for leftover in path.parent.glob(path.stem + ".partial*.safetensors"):  # per-rank files a crash left
+            leftover.unlink(missing_ok=True)
+    return made.value, made.seconds
 
 
 def craft_cost_path(store_path: Path) -> Path:
-    return store_path.with_name(store_path.stem + ".craft.json")
+    """The store's cost record: the artifact helper's, beside it."""
+    return cost_path(store_path)
 
 
 def craft_cost(store_path: Path | None) -> dict | None:
@@ -400,7 +407,7 @@ def craft_cost(store_path: Path | None) -> dict | None:
 
 
 def _cost_problem(cost: Any, store_path: Path) -> str | None:
-    """What is wrong with a ``.craft.json`` record, or None."""
+    """What is wrong with a store's cost record, or None."""
     if not isinstance(cost, dict):
         return f"is a JSON {type(cost).__name__}, not an object"
     seconds = cost.get("seconds")

@@ -74,7 +74,8 @@ class ErrorMinimizingParams:
     steps: int | None = ranged(None, 1, None)  # signed steps per round; None: 20 sample-wise, 1 class-wise (authors' README)
     step_size: float = ranged(0.8 / 255, 0, 1, low_open=True)  # pixel units (authors' README: --step_size 0.8)
     train_steps: int = ranged(10, 1, None)  # model steps per round (authors' --train_step default)
-    stop_accuracy: float | None = ranged(None, 0, 100, low_open=True)  # % on the perturbed data; None: 99 sample-wise, 90 class-wise
+    # % on the perturbed data; None: 99 sample-wise, 90 class-wise; above 100: never stop early (max_rounds)
+    stop_accuracy: float | None = ranged(None, 0, None, low_open=True)
     max_rounds: int = ranged(100, 1, None)  # a cap the authors do not have (see the module docstring)
     batch_size: int = ranged(512, 1, None)  # authors' --train_batch_size default
     lr: float = ranged(0.1, 0, None, low_open=True)  # crafting model's SGD (authors' configs/cifar10/resnet18.yaml)
