@@ -99,3 +99,19 @@ def test_a_checkpoint_survives_preparing_an_unfinished_job_only(tmp_path):
     ckpt.write_bytes(b"state")
     clear_job_dir(job_dir)  # clearing by itself removes it: it is one of the names poisonbench writes
     assert not ckpt.parent.exists()
+
+
+def test_lightning_does_not_requeue_a_slurm_job_itself(monkeypatch):
+    """Under SLURM the slurm executor's requeue (submitit) is the one mechanism:
+    Lightning's SIGUSR1 auto-requeue stays off."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from poisonbench.fitting.trainer import build_trainer
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "submitit", "SLURM_JOB_ID": "7",
+                       "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    train = {"epochs": 1, "batch_size": 8, "accelerator": "cpu"}
+    env = build_trainer(train, None)._accelerator_connector.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False

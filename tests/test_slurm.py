@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,46 @@ def test_real_cpu_table_renders_its_leaderboard(tmp_path):
     text = board.read_text()
     for r in results:
         assert f"{r['metrics']['test_acc']:.1f}" in text  # each job's accuracy made it into the table
+
+
+def _squeue(*args: str) -> list[str]:
+    return subprocess.run(["squeue", "-h", "-r", *args], capture_output=True, text=True, timeout=60).stdout.split()
+
+
+def test_scontrol_requeue_of_a_running_job_resumes_it(tmp_path):
+    """A task requeued mid-training (``scontrol requeue``) starts again on its job
+    directory and continues from the job's checkpoint, to the result an uninterrupted
+    run of the same job gives."""
+    env = _home(tmp_path)
+    argv = ["--table", "demo/digits", "--rows", "random_noise", "--trials", "1"]
+    run = subprocess.Popen([sys.executable, "-m", "poisonbench", "run", "--executor", "slurm",
+                            "--slurm", "timeout_min=15", "cpus_per_task=1", *argv],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        runs = Path(env["POISONBENCH_HOME"]) / "runs"
+        deadline = time.monotonic() + 600
+        while not list(runs.rglob("checkpoints/last.ckpt")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tasks = _squeue("-o", "%i")
+        assert len(tasks) == 1 and not list(runs.rglob("result.json")), run.poll()
+        subprocess.run(["scontrol", "requeue", tasks[0]], check=True, timeout=60)
+        # A requeued job waits about two minutes before it may start again; not here.
+        while _squeue("-j", tasks[0], "-o", "%T") != ["PENDING"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", f"JobId={tasks[0]}", "StartTime=now"], check=True, timeout=60)
+        out = run.communicate(timeout=600)[0]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, out[-3000:]
+    logs = list(runs.rglob("_slurm/*_log.err"))
+    assert len(logs) == 1 and logs[0].read_text().count("resuming") == 1  # the second attempt resumed
+    [resumed] = _results(env)
+
+    local = {**env, "POISONBENCH_HOME": str(tmp_path / "local"),
+             "POISONBENCH_LEADERBOARDS": str(tmp_path / "local" / "leaderboards")}
+    proc = subprocess.run([sys.executable, "-m", "poisonbench", "run", *argv], capture_output=True, text=True,
+                          env=local, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [whole] = _results(local)
+    assert resumed["metrics"] == whole["metrics"] and resumed["curves"] == whole["curves"]
