@@ -110,14 +110,32 @@ def _squeue(*args: str) -> list[str]:
     return subprocess.run(["squeue", "-h", "-r", *args], capture_output=True, text=True, timeout=60).stdout.split()
 
 
-def test_scontrol_requeue_of_a_running_job_resumes_it(tmp_path):
-    """A task requeued mid-training (``scontrol requeue``) starts again on its job
-    directory and continues from the job's checkpoint, to the result an uninterrupted
-    run of the same job gives."""
+# How a running task is made to stop and come back: requeued by hand, or sent the
+# signal SLURM sends before the time limit (sbatch --signal=USR2@90 from submitit), on
+# which submitit calls ResumableJob.checkpoint and requeues the task itself.
+INTERRUPTIONS = {"scontrol-requeue": ["scontrol", "requeue"], "time-limit-signal": ["scancel", "--signal=USR2"]}
+REQUEUED = ["--table", "demo/digits", "--rows", "random_noise", "--trials", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The requeued job's result, run here without interruption."""
+    env = _home(tmp_path_factory.mktemp("uninterrupted"))
+    proc = subprocess.run([sys.executable, "-m", "poisonbench", "run", *REQUEUED], capture_output=True,
+                          text=True, env=env, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result] = _results(env)
+    return result
+
+
+@pytest.mark.parametrize("how", list(INTERRUPTIONS))
+def test_a_requeued_running_job_resumes_from_its_checkpoint(tmp_path, how, uninterrupted):
+    """A task stopped mid-training and requeued starts again on its job directory and
+    continues from the job's checkpoint, to the result an uninterrupted run of the same
+    job gives."""
     env = _home(tmp_path)
-    argv = ["--table", "demo/digits", "--rows", "random_noise", "--trials", "1"]
     run = subprocess.Popen([sys.executable, "-m", "poisonbench", "run", "--executor", "slurm",
-                            "--slurm", "timeout_min=15", "cpus_per_task=1", *argv],
+                            "--slurm", "timeout_min=15", "cpus_per_task=1", *REQUEUED],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         runs = Path(env["POISONBENCH_HOME"]) / "runs"
@@ -126,7 +144,7 @@ def test_scontrol_requeue_of_a_running_job_resumes_it(tmp_path):
             time.sleep(0.05)
         tasks = _squeue("-o", "%i")
         assert len(tasks) == 1 and not list(runs.rglob("result.json")), run.poll()
-        subprocess.run(["scontrol", "requeue", tasks[0]], check=True, timeout=60)
+        subprocess.run([*INTERRUPTIONS[how], tasks[0]], check=True, timeout=60)
         # A requeued job waits about two minutes before it may start again; not here.
         while _squeue("-j", tasks[0], "-o", "%T") != ["PENDING"] and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -137,13 +155,7 @@ def test_scontrol_requeue_of_a_running_job_resumes_it(tmp_path):
             run.kill()
     assert run.returncode == 0, out[-3000:]
     logs = list(runs.rglob("_slurm/*_log.err"))
-    assert len(logs) == 1 and logs[0].read_text().count("resuming") == 1  # the second attempt resumed
+    assert len(logs) == 1 and logs[0].read_text().count("resuming") == 1, out  # the second attempt resumed
     [resumed] = _results(env)
 
-    local = {**env, "POISONBENCH_HOME": str(tmp_path / "local"),
-             "POISONBENCH_LEADERBOARDS": str(tmp_path / "local" / "leaderboards")}
-    proc = subprocess.run([sys.executable, "-m", "poisonbench", "run", *argv], capture_output=True, text=True,
-                          env=local, timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [whole] = _results(local)
-    assert resumed["metrics"] == whole["metrics"] and resumed["curves"] == whole["curves"]
+    assert resumed["metrics"] == uninterrupted["metrics"] and resumed["curves"] == uninterrupted["curves"]
