@@ -34,9 +34,8 @@ class Task:
 
 def _wait(monkeypatch, tasks: dict, queued) -> list:
     monkeypatch.setattr(executors, "_queued", lambda: set(queued))
-    monkeypatch.setattr(executors.time, "sleep", lambda s: None)
     done: list = []
-    executors.wait_slurm(tasks, done.append, STAND_IN)
+    executors.wait_slurm(tasks, done.append, STAND_IN, poll_s=0, squeue_every_s=0)
     return done
 
 

@@ -181,9 +181,11 @@ class ResumableJob:
         return _submitit().helpers.DelayedSubmission(self, job_dir, data_root, wandb)
 
 
-# Seconds between looks at the array tasks; a task that squeue no longer lists and that
-# left no result in this many looks in a row died without one (killed, out of memory).
+# Seconds between looks at the array tasks' result files, and between asks of squeue (a
+# shared controller); a task that squeue no longer lists and that left no result in
+# GONE_LOOKS asks in a row died without one (killed, out of memory).
 POLL_S = 5.0
+SQUEUE_EVERY_S = 30.0
 GONE_LOOKS = 3
 
 
@@ -204,13 +206,17 @@ def run_slurm(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool
     wait_slurm(dict(zip(job_dirs, futures)), on_done, submitit)
 
 
-def wait_slurm(waiting: dict, on_done: OnDone, submitit, poll_s: float = POLL_S) -> None:
+def wait_slurm(waiting: dict, on_done: OnDone, submitit, poll_s: float = POLL_S,
+               squeue_every_s: float = SQUEUE_EVERY_S) -> None:
     """Wait for every array task, reporting each as it ends. A task's end is its result
     file, or its absence from squeue: without slurm accounting (no slurmdbd, as on a
     single-node cluster) submitit cannot learn that a task died without a result."""
     misses: dict = {}
+    asked = float("-inf")
     while waiting:
-        queued = _queued()
+        queued = None
+        if time.monotonic() - asked >= squeue_every_s:
+            queued, asked = _queued(), time.monotonic()
         for job_dir, future in list(waiting.items()):
             if future.done():
                 del waiting[job_dir]
@@ -220,7 +226,9 @@ def wait_slurm(waiting: dict, on_done: OnDone, submitit, poll_s: float = POLL_S)
                     raise JobError(f"job {job_dir} failed on SLURM (task {future.job_id}): "
                                    f"{_last_line(err)}; see {future.paths.stderr}") from None
                 on_done(job_dir)
-            elif queued is not None and future.job_id not in queued:
+            elif queued is None:
+                continue
+            elif future.job_id not in queued:
                 misses[job_dir] = misses.get(job_dir, 0) + 1
                 if misses[job_dir] >= GONE_LOOKS and not future.done():
                     raise JobError(f"job {job_dir}: SLURM task {future.job_id} ended without a result "
@@ -232,10 +240,11 @@ def wait_slurm(waiting: dict, on_done: OnDone, submitit, poll_s: float = POLL_S)
 
 
 def _queued() -> set[str] | None:
-    """The ids of the array tasks squeue lists (pending, running, requeued), or None
-    when squeue does not answer."""
+    """The ids of this user's array tasks that squeue lists (pending, running, being
+    requeued), or None when squeue does not answer."""
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i"], capture_output=True, text=True,
+                             timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return set(out.stdout.split()) if out.returncode == 0 else None
