@@ -207,7 +207,7 @@ def test_slurm_executor_submits_one_array_task_per_job(monkeypatch, tmp_path):
 
         def map_array(self, fn, *arglists):
             submitted["tasks"] = list(zip(*arglists))
-            return [types.SimpleNamespace(result=lambda: None) for _ in submitted["tasks"]]
+            return [types.SimpleNamespace(result=lambda: None, done=lambda: True) for _ in submitted["tasks"]]
 
     monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(AutoExecutor=FakeExecutor))
     dirs = [tmp_path / "runs" / "t" / name for name in ("a", "b")]

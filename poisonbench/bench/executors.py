@@ -4,7 +4,8 @@
   (``devices > 1``) runs as ``poisonbench job DIR`` in a child, because Lightning's DDP
   launcher re-executes the command line that started it.
 - ``local`` with ``gpus``: one ``poisonbench job DIR`` per listed GPU at a time.
-- ``slurm``: submitit job arrays, one array task per job directory.
+- ``slurm``: submitit job arrays, one array task per job directory; a requeued task
+  resumes its job from the job's checkpoint.
 
 Every executor runs a job by its directory alone, so any other launcher can too. A job
 runs only under its claim (``jobs.claim``, an flock that dies with its process): the
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Callable
@@ -159,22 +161,95 @@ def run_local(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool
         raise errors[0]
 
 
+class ResumableJob:
+    """What each slurm array task runs: the job in its directory (``run_job_dir``), which
+    resumes from the job's checkpoint when an earlier attempt left one.
+
+    On the time-limit (or preemption) signal, submitit calls ``checkpoint`` and requeues
+    what it returns: the same job, which resumes from its last epoch's checkpoint (the
+    training state is saved every epoch; fitting/trainer.py). A job requeued otherwise
+    (``scontrol requeue``, a node failure) resumes the same way. Lightning's own SLURM
+    requeue is off, so that one mechanism acts, not two.
+    """
+
+    def __call__(self, job_dir: str, data_root: str | None, wandb: bool) -> None:
+        from poisonbench.training.run import run_job_dir
+
+        run_job_dir(job_dir, data_root, wandb)
+
+    def checkpoint(self, job_dir: str, data_root: str | None, wandb: bool):
+        return _submitit().helpers.DelayedSubmission(self, job_dir, data_root, wandb)
+
+
+# Seconds between looks at the array tasks' result files, and between asks of squeue (a
+# shared controller); a task that squeue no longer lists and that left no result in
+# GONE_LOOKS asks in a row died without one (killed, out of memory).
+POLL_S = 5.0
+SQUEUE_EVERY_S = 30.0
+GONE_LOOKS = 3
+
+
 @EXECUTORS.register("slurm")
 def run_slurm(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool = False,
               slurm: dict | None = None, on_done: OnDone = lambda d: None, **_: object) -> None:
     """Submit one array task per job and wait. Each task claims its job itself
-    (``run_job_dir``); a requeued task runs its job again from the start: it clears
-    what an earlier attempt left (checkpoint resume is not implemented yet)."""
+    (``run_job_dir``); a requeued task resumes its job from its checkpoint
+    (``ResumableJob``)."""
     submitit = _submitit()
-    from poisonbench.training.run import run_job_dir
-
     if not job_dirs:
         return
     folder = job_dirs[0].parent.parent / "_slurm"
     executor = submitit.AutoExecutor(folder=str(folder))
     executor.update_parameters(**(slurm or {}))
-    futures = executor.map_array(run_job_dir, [str(d) for d in job_dirs], [data_root] * len(job_dirs),
+    futures = executor.map_array(ResumableJob(), [str(d) for d in job_dirs], [data_root] * len(job_dirs),
                                  [wandb] * len(job_dirs))
-    for job_dir, future in zip(job_dirs, futures):
-        future.result()
-        on_done(job_dir)
+    wait_slurm(dict(zip(job_dirs, futures)), on_done, submitit)
+
+
+def wait_slurm(waiting: dict, on_done: OnDone, submitit, poll_s: float = POLL_S,
+               squeue_every_s: float = SQUEUE_EVERY_S) -> None:
+    """Wait for every array task, reporting each as it ends. A task's end is its result
+    file, or its absence from squeue: without slurm accounting (no slurmdbd, as on a
+    single-node cluster) submitit cannot learn that a task died without a result."""
+    misses: dict = {}
+    asked = float("-inf")
+    while waiting:
+        queued = None
+        if time.monotonic() - asked >= squeue_every_s:
+            queued, asked = _queued(), time.monotonic()
+        for job_dir, future in list(waiting.items()):
+            if future.done():
+                del waiting[job_dir]
+                try:
+                    future.result()
+                except submitit.core.utils.UncompletedJobError as err:  # FailedJobError too
+                    raise JobError(f"job {job_dir} failed on SLURM (task {future.job_id}): "
+                                   f"{_last_line(err)}; see {future.paths.stderr}") from None
+                on_done(job_dir)
+            elif queued is None:
+                continue
+            elif future.job_id not in queued:
+                misses[job_dir] = misses.get(job_dir, 0) + 1
+                if misses[job_dir] >= GONE_LOOKS and not future.done():
+                    raise JobError(f"job {job_dir}: SLURM task {future.job_id} ended without a result "
+                                   f"(killed?); see {future.paths.stderr}")
+            else:
+                misses.pop(job_dir, None)
+        if waiting:
+            time.sleep(poll_s)
+
+
+def _queued() -> set[str] | None:
+    """The ids of this user's array tasks that squeue lists (pending, running, being
+    requeued), or None when squeue does not answer."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__

@@ -9,6 +9,7 @@ auxiliary models are.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,14 @@ import torch
 
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.module import PoisonedDataModule
-from poisonbench.fitting.trainer import build_trainer
+from poisonbench.fitting.trainer import build_trainer, checkpoint_path
 from poisonbench.fitting.victim import TrainingHooks, VictimModule
 
 # Without a held-out set, the first images of the training set stand in for the
 # evaluation set: the models fitted here are measured elsewhere, or not at all.
 STAND_IN_EVAL = 256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,12 +42,23 @@ class Fitted:
 def fit(model: torch.nn.Module, datamodule: PoisonedDataModule, recipe: dict, *, scenario: str = "scratch",
         hooks: TrainingHooks | None = None, job_dir: Path | None = None, fast_dev_run: bool = False,
         loggers: list | None = None, progress: bool = False) -> Fitted:
-    """Train ``model`` in place with ``recipe`` on ``datamodule``'s training set."""
+    """Train ``model`` in place with ``recipe`` on ``datamodule``'s training set.
+
+    With a ``job_dir`` (not a fast-dev-run), the training state is checkpointed there
+    every epoch, and a checkpoint found there is resumed from: a job killed or requeued
+    mid-training continues where it stopped, to the result an uninterrupted run gives
+    (bit-identical on one process). Whether an earlier attempt's checkpoint is still
+    there is the job directory's business (``training.run.prepare_dir``).
+    """
     module = VictimModule(model, datamodule.num_classes, recipe, scenario=scenario, defense=hooks)
+    ckpt = checkpoint_path(job_dir) if job_dir is not None and not fast_dev_run else None
     trainer = build_trainer(recipe, job_dir, fast_dev_run=fast_dev_run, extra_loggers=loggers,
-                            progress_bar=progress)
+                            progress_bar=progress, checkpoint=ckpt)
+    resume = ckpt if ckpt is not None and ckpt.is_file() else None
+    if resume is not None:
+        log.warning("resuming %s from its checkpoint %s", job_dir, resume)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     return Fitted(module, trainer, time.perf_counter() - start)
 
 

@@ -34,7 +34,9 @@ LOCK_FILE = ".job.lock"
 # descriptor here (inherited), instead of claiming the job against its own parent.
 LOCK_FD_ENV = "POISONBENCH_JOB_LOCK_FD"
 # What poisonbench writes into a job directory (CSVLogger: metrics.csv, hparams.yaml;
-# the local executor: job.log; analysis jobs: tsne.png; --wandb: wandb/).
+# the local executor: job.log; analysis jobs: tsne.png; --wandb: wandb/; the training
+# state a killed job resumes from: checkpoints/, fitting/trainer.py's CHECKPOINT_DIR,
+# which training/run.py keeps while the job has no result).
 WRITTEN = frozenset({CONFIG_FILE, RESULT_FILE, "metrics.csv", "hparams.yaml", "job.log", "tsne.png",
                      "wandb", "lightning_logs", "checkpoints"})
 # files.atomic_path's temporary files: ".<name>.<random>.tmp".

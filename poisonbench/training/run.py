@@ -15,6 +15,7 @@ L-BFGS linear classifier (``poisonbench.fitting.linear_eval``), with no curve.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -39,7 +40,7 @@ from poisonbench.fitting.base_model import base_model, base_model_config
 from poisonbench.fitting.fit import fit
 from poisonbench.fitting.linear_eval import linear_eval
 from poisonbench.fitting.targets import target_metrics, validation_set
-from poisonbench.fitting.trainer import quiet_lightning
+from poisonbench.fitting.trainer import CHECKPOINT_DIR, quiet_lightning
 
 # --fast-dev-run checks that a job runs end to end, not what it measures: one batch of
 # at most this many images per stage keeps the smoke run over every table in minutes.
@@ -55,8 +56,9 @@ def prepare_dir(job_dir: str | Path, config: dict, keep: tuple[str, ...] = (),
     directory (``make_job_dir``: a foreign one is refused, nothing touched); it is
     claimed (``claimed``: the caller's claim, else one an executor handed down, else
     a new one; ``JobBusyError`` when another process runs the job); then what an
-    earlier attempt left is cleared, except the names in ``keep`` and a finished
-    result, which stays until the new one replaces it.
+    earlier attempt left is cleared, except the names in ``keep``, a finished
+    result, which stays until the new one replaces it, and, while there is none, the
+    training checkpoint the job resumes from (``fitting.fit``).
 
     DDP workers re-execute the launching command with LOCAL_RANK set; they run inside
     their rank-0 process's claim and must not touch its directory.
@@ -68,6 +70,8 @@ def prepare_dir(job_dir: str | Path, config: dict, keep: tuple[str, ...] = (),
     held = claimed or inherited_claim(job_dir) or claim(job_dir)
     try:
         write_text(job_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=True))
+        if not (job_dir / RESULT_FILE).exists():  # an unfinished attempt: resume, not restart
+            keep = (*keep, CHECKPOINT_DIR)
         clear_job_dir(job_dir, keep)
     except BaseException:
         if claimed is None:
@@ -251,6 +255,7 @@ def write_result(job_dir: Path, result: dict) -> None:
         if problem:
             raise JobError(f"job {job_dir} measured {problem}; no result was written")
     write_json(job_dir / RESULT_FILE, result)
+    shutil.rmtree(job_dir / CHECKPOINT_DIR, ignore_errors=True)  # done: nothing left to resume
 
 
 def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStore, craft_s: float,
