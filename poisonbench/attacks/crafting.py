@@ -47,6 +47,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from poisonbench.data.store import tensors_sha256
+from poisonbench import progress as progress_bars
 from poisonbench.errors import ConfigError
 from poisonbench.files import atomic_path
 
@@ -405,19 +406,13 @@ def broadcast_json(value, src: int = 0):
 def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
     """``advance(n=1, loss=None)`` for a rich bar with steps, loss and ETA (rank 0 only)."""
     rank, _ = rank_world()
-    if not context().progress or rank != 0:
+    if not (context().progress or progress_bars.active()) or rank != 0:
         yield lambda n=1, loss=None: None
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(description, total=total, loss="-")
+    with progress_bars.bar(description, total, loss="-") as update:
 
         def advance(n: int = 1, loss: float | None = None) -> None:
-            bar.update(task, advance=n, **({"loss": f"{loss:.4f}"} if loss is not None else {}))
+            update(n, **({"loss": f"{loss:.4f}"} if loss is not None else {}))
 
         yield advance
 

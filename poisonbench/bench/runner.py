@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from poisonbench import progress as progress_bars
 from poisonbench.bench.aggregate import aggregate, table_state
 from poisonbench.bench.catalogue import load_suite, planned_catalogue
 from poisonbench.bench.executors import EXECUTORS, ready
@@ -120,7 +121,7 @@ def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data
     if gpus:
         precraft(todo, data_root, console, gpus)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False) as progress, progress_bars.shared(progress):
         task = progress.add_task("trials", total=len(todo))
 
         def label(job_dir: Path) -> str:

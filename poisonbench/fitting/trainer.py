@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from poisonbench import progress as progress_bars
 from poisonbench.files import atomic_path
 
 # A job directory's checkpoint: a name in schema/job_dir.py's WRITTEN, so that clearing
@@ -132,6 +133,21 @@ class EpochCheckpoint(L.Callback):
             iter(fetcher)
 
 
+class EpochBar(L.Callback):
+    """The epochs of a fit as a bar under ``poisonbench run``'s trials bar."""
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._bar = progress_bars.bar("epochs", int(trainer.max_epochs or 0))
+        self._update = self._bar.__enter__()
+        self._update(trainer.current_epoch)  # a resumed fit starts part of the way
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._update(1)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._bar.__exit__(None, None, None)
+
+
 def build_trainer(train: dict, job_dir: Path | None, *, fast_dev_run: bool = False,
                   extra_loggers: list | None = None, progress_bar: bool = False,
                   checkpoint: Path | None = None) -> L.Trainer:
@@ -144,6 +160,8 @@ def build_trainer(train: dict, job_dir: Path | None, *, fast_dev_run: bool = Fal
     if job_dir is not None:
         loggers.insert(0, L.pytorch.loggers.CSVLogger(save_dir=str(job_dir), name="", version=""))
     callbacks = [EpochCheckpoint(checkpoint)] if checkpoint is not None and not fast_dev_run else []
+    if progress_bars.active() and not fast_dev_run:
+        callbacks.append(EpochBar())
     # Lightning requeues a SLURM job itself on SIGUSR1 unless told not to; the slurm
     # executor's requeue is submitit's (poisonbench.bench.executors).
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
