@@ -15,7 +15,7 @@ from poisonbench.schema.result import RESULT_FORMAT_VERSION
 from poisonbench.bench.catalogue import load_catalogue, load_suite, profile_names, table_ids
 from poisonbench.bench.profiles import load_profile
 from poisonbench.bench.tables import load_table
-from poisonbench.schema.job_config import DEFAULTS
+from poisonbench.schema.job_config import DEFAULTS, OPTIONAL
 from poisonbench.bench.aggregate import aggregate
 from poisonbench.errors import ConfigError, JobError, UnknownNameError
 
@@ -61,7 +61,7 @@ def test_every_table_loads_and_expands(table):
     assert len({j.hash for j in jobs}) == len(jobs)
     assert [j.hash for j in expand(load_table(table))] == [j.hash for j in jobs]  # stable
     for job in jobs:
-        assert set(job.config) == JOB_KEYS
+        assert JOB_KEYS <= set(job.config) <= JOB_KEYS | set(OPTIONAL)
         assert set(job.config["train"]) == set(DEFAULTS["train"])
         assert job.hash == job_hash(job.config)
         assert 0 <= job.config["seed"] <= 2**31 - 1

@@ -236,7 +236,7 @@ def test_default_path_is_under_home(isolated_home):
     (["pretrain", "byol", "--dataset", "digits"], "invalid choice"),
     (["pretrain", "simclr", "--dataset", "digits", "--model", "resnet19"], "unknown model 'resnet19'"),
     (["pretrain", "simclr", "--dataset", "digits", "--model-param", "radius=3"], "no parameter 'radius'"),
-    (["pretrain", "supervised", "--dataset", "digits", "--epochs", "0"], "epochs must be a positive integer"),
+    (["pretrain", "supervised", "--dataset", "digits", "--epochs", "0"], "--epochs: expected an integer of at least 1"),
     (["pretrain", "simclr", "--dataset", "digits", "--aux", "digits:train"], "own training split"),
 ])
 def test_bad_input_is_one_sentence(capsys, argv, fragment):

@@ -26,24 +26,19 @@ from poisonbench.attacks.crafting import unit_generator
 from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
 from poisonbench.errors import ConfigError
+from poisonbench.params import ranged
 
 POSITIONS = ("lower_right",)
 
 
 @dataclass(frozen=True)
 class BackdoorPatchParams:
-    size: int = 6  # patch side in pixels (the authors' --eps 6 for patches)
-    budget: float = 0.05  # fraction of the training set poisoned (robuster App. C.1)
-    prob: float = 0.5  # Bernoulli probability of a 255 per pixel and channel
+    size: int = ranged(6, 1, None)  # patch side in pixels (the authors' --eps 6 for patches)
+    budget: float = ranged(0.05, 0, 1, low_open=True)  # fraction of the training set poisoned (robuster App. C.1)
+    prob: float = ranged(0.5, 0, 1)  # Bernoulli probability of a 255 per pixel and channel
     position: str = "lower_right"
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"size must be a positive number of pixels, got {self.size!r}")
-        if not 0 < self.budget <= 1:
-            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
-        if not 0 <= self.prob <= 1:
-            raise ValueError(f"prob must lie in [0, 1], got {self.prob}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
 

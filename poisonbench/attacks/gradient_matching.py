@@ -50,6 +50,7 @@ from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
 from poisonbench.errors import ConfigError
 from poisonbench.models import build_model
+from poisonbench.params import ranged
 
 SCALES = ("std", "pixel")
 # What a surrogate override may set (gradient_matching's ``surrogate`` param).
@@ -58,22 +59,22 @@ SURROGATE_KEYS = ("model", "model_params", "epochs", "batch_size", "lr")
 
 @dataclass(frozen=True)
 class GradientMatchingParams:
-    eps: float = 16 / 255  # ℓ∞ radius, pixel units (robuster App. C.1)
-    budget: float = 0.01  # fraction of the training set poisoned
+    eps: float = ranged(16 / 255, 0, 1, low_open=True)  # ℓ∞ radius, pixel units (robuster App. C.1)
+    budget: float = ranged(0.01, 0, 1, low_open=True)  # fraction of the training set poisoned
     loss: str = "cosine"  # cosine | se (robuster C.2, transfer)
-    steps: int = 240  # robuster C.2 (the authors' default is 250)
-    lr: float = 0.1  # signed Adam (the authors' --tau 0.1)
-    restarts: int = 1  # robuster C.2 (the authors' default is 8)
+    steps: int = ranged(240, 1, None)  # robuster C.2 (the authors' default is 250)
+    lr: float = ranged(0.1, 0, None, low_open=True)  # signed Adam (the authors' --tau 0.1)
+    restarts: int = ranged(1, 1, None)  # robuster C.2 (the authors' default is 8)
     init: str = "randn"  # randn·ε clipped (the authors' --init randn)
     augment: bool = True  # differentiable augmentation re-drawn every step (--paugment)
-    max_shift: int = 4  # pixels of the augmentation's shift
-    batch_size: int = 512  # poisons per matching batch (--pbatch)
+    max_shift: int = ranged(4, 0, 16)  # pixels of the augmentation's shift
+    batch_size: int = ranged(512, 1, None)  # poisons per matching batch (--pbatch)
     scale: str = "std"  # std: lr in the surrogate's normalised units (the authors'); pixel
     # Changes to the victim's surrogate (model, model_params, epochs, batch_size, lr): a
     # transfer attack from another model, or the tiny surrogate of a smoke run. Needed in
     # full (model and epochs) when the input names no victim.
     surrogate: dict = field(default_factory=dict)
-    surrogate_seed: int | None = None  # None: the crafting seed (each trial its own surrogate, as the authors)
+    surrogate_seed: int | None = ranged(None, 0, 2**32, high_open=True)  # None: the crafting seed (each trial its own surrogate, as the authors)
 
     def __post_init__(self) -> None:
         if self.loss not in MATCHING_LOSSES:
@@ -82,13 +83,6 @@ class GradientMatchingParams:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        if not 0 < self.eps <= 1:
-            raise ValueError(f"eps must lie in (0, 1] (pixel units), got {self.eps}")
-        if not 0 < self.budget <= 1:
-            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
-        for name in ("steps", "restarts", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         unknown = sorted(set(self.surrogate) - set(SURROGATE_KEYS))
         if unknown:
             raise ValueError(f"surrogate takes {', '.join(SURROGATE_KEYS)}, not {unknown[0]!r}")
