@@ -8,7 +8,7 @@ store under its content address, so equal configs share one file.
 Several devices. ``Attack.craft`` and ``craft_cached`` take one device or a list
 (``["cuda:0", "cuda:1"]``, ``"cpu,cpu"``): one rank per device, started by
 ``distributed.run_ranks``; the caller alone gets the store, verifies it, and (in
-``craft_cached``) writes it and its ``.craft.json`` cost record (seconds, hardware,
+``craft_cached``, through ``poisonbench.artifacts``) writes it and its ``.cost.json`` record (seconds, hardware,
 ranks). How an attack uses the ranks is declared when it is registered (``ranks``):
 
 - ``one`` (the default): it does not shard; given several devices it crafts on the
