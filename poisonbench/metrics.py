@@ -70,17 +70,22 @@ for _metric in (
     register_metric(_metric)
 
 
-def summarize(metric: Metric, values: Iterable[float]) -> tuple[float | None, float | None, int]:
-    """(mean, error, n) of the trials' values: mean None for n = 0, error None where the
-    model gives none (one trial under ``sem``)."""
+def mean_sem(values: Iterable[float]) -> tuple[float | None, float | None, int]:
+    """(mean, standard error of the mean with ddof 1, n); mean None for n = 0, the error
+    None for n < 2."""
     values = [float(v) for v in values]
     n = len(values)
     if n == 0:
         return None, None, 0
-    mean = statistics.fmean(values)
-    if metric.error == "binomial":
-        p = mean / 100
-        agree = p in (0.0, 1.0)
-        error = 0.25 / math.sqrt(n) if agree else math.sqrt(p * (1 - p) / n)
-        return mean, 100 * error, n
-    return mean, (statistics.stdev(values) / math.sqrt(n) if n >= 2 else None), n
+    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(n) if n >= 2 else None), n
+
+
+def summarize(metric: Metric, values: Iterable[float]) -> tuple[float | None, float | None, int]:
+    """(mean, error, n) of the trials' values: mean None for n = 0, error None where the
+    model gives none (one trial under ``sem``)."""
+    mean, sem, n = mean_sem(values)
+    if metric.error != "binomial" or mean is None:
+        return mean, sem, n
+    p = mean / 100
+    error = 0.25 / math.sqrt(n) if p in (0.0, 1.0) else math.sqrt(p * (1 - p) / n)
+    return mean, 100 * error, n

@@ -13,14 +13,12 @@ where the paper's CIFAR-10 value is context, not a target).
 """
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from poisonbench.bench.catalogue import planned_catalogue
 from poisonbench.bench.jobs import Job
-from poisonbench.metrics import METRICS, summarize
+from poisonbench.metrics import METRICS, mean_sem, summarize
 from poisonbench.bench.tables import TableSpec
 from poisonbench.schema.job_config import DEFAULTS
 from poisonbench.errors import JobError
@@ -93,17 +91,6 @@ class TableState:
         if self.done >= self.jobs and self.completed >= self.spec_trials:
             return "done"
         return f"{self.completed}/{max(self.trials, self.spec_trials)} trials"
-
-
-def mean_sem(values: Iterable[float]) -> tuple[float | None, float | None, int]:
-    """(mean, sem, n); mean is None for n = 0 and sem is None for n < 2."""
-    values = list(values)
-    n = len(values)
-    if n == 0:
-        return None, None, 0
-    mean = statistics.fmean(values)
-    sem = statistics.stdev(values) / math.sqrt(n) if n >= 2 else None
-    return mean, sem, n
 
 
 def summary(metric: str, values: Iterable[float]) -> tuple[float | None, float | None, int]:

@@ -20,7 +20,8 @@ attack and column that names the same one.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -29,39 +30,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
-from poisonbench.config import check_keys, describe
 from poisonbench.data.imageset import ImageSet
-from poisonbench.errors import ConfigError
 from poisonbench.fitting.fit import fit_clean
 from poisonbench.fitting.trainer import quiet_lightning
 from poisonbench.fitting.victim import TrainingHooks
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.models.weights import load_weights
+from poisonbench.params import parse_params, ranged
 
-DEFAULTS: dict[str, Any] = {"recipe": None, "seed": 0, "defense": "none", "defense_params": {},
-                            "file": None, "finetune_lr": 0.001}
 FORMAT = 1  # bump when what a cached base model holds changes
 
 
+@dataclass(frozen=True)
+class BaseModelParams:
+    recipe: dict | None = None  # a ``train`` mapping; None: the job's own
+    seed: int = ranged(0, 0, 2**32, high_open=True)  # one base model for every trial
+    defense: str = "none"  # trained with this defense (robuster §5.4)
+    defense_params: dict = field(default_factory=dict)
+    file: str | None = None  # a local weights file instead
+    finetune_lr: float = ranged(0.001, 0, 1, low_open=True)  # App. C: "lr drops by 0.001×"
+
+
 def base_model_config(value: Any, where: str) -> dict[str, Any]:
-    """The ``base_model`` mapping with its defaults, checked (keys, types, ranges)."""
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"base_model in {where} must be a mapping; got {describe(value)}")
-    check_keys(value, DEFAULTS, f"base_model in {where}")
-    config = {**DEFAULTS, **value}
-    if config["recipe"] is not None and not isinstance(config["recipe"], Mapping):
-        raise ConfigError(f"base_model.recipe in {where} must be a train mapping or null; got {describe(config['recipe'])}")
-    seed = config["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"base_model.seed in {where} must be an integer in [0, 2^32); got {describe(seed)}")
-    if not isinstance(config["defense"], str) or not isinstance(config["defense_params"], Mapping):
-        raise ConfigError(f"base_model.defense in {where} must be a name with a defense_params mapping")
-    if config["file"] is not None and not isinstance(config["file"], str):
-        raise ConfigError(f"base_model.file in {where} must be a path or null; got {describe(config['file'])}")
-    lr = config["finetune_lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr <= 1:
-        raise ConfigError(f"base_model.finetune_lr in {where} must lie in (0, 1]; got {describe(lr)}")
-    return config
+    """The ``base_model`` mapping with its defaults, checked by the shared parameter
+    checker (keys, types, ranges)."""
+    return dataclasses.asdict(parse_params(BaseModelParams, value, where, "base_model"))
 
 
 def base_model_artifact(train: ImageSet, model: str, model_params: Mapping, recipe: Mapping,
