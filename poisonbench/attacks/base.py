@@ -36,6 +36,19 @@ target (``target_index``, ``target_label``, ``test_fingerprint``; a patch also i
 adds the target (and the victim, for an attack whose surrogate imitates it:
 ``victim="recipe"``). ``targets`` says how many test images of the target class a
 trial draws for the attack (None: all of them, as backdoor success is measured).
+
+Adaptive attacks (robuster §5.1: "all attacks shown are adaptive, if possible";
+``victim="adaptive"``): the attacker trains its surrogate with the victim's defense.
+Attacks sit below defenses, so the job hands the defense over as ``AttackInput.defense``
+(a ``VictimDefense``: its name, params and a factory of fresh ``TrainingHooks``, so the
+surrogate's defense state is not the victim's), present only when the defense acts
+inside training (a filter or a replaced network leaves a surrogate as it is). The
+store's key then adds the defense (``VictimSpec.key(defense=True)``): an undefended and
+a defended column craft against their own surrogates, on the same target (drawn from
+the poison seed alone). An attack's ``adaptive`` param (default: on, the authors'
+``adaptive_attack``) turns it off; it is not part of the store's params
+(``VICTIM_PARAMS``): its effect is the victim part of the key, so an undefended store is
+one store whatever the flag says, under the key it had before the flag existed.
 Availability attacks keep ``craft(imageset, params, seed, device)``, their stores and
 their cache keys.
 """
@@ -60,6 +73,7 @@ from poisonbench.data.store import PoisonStore, cache_path
 from poisonbench.data.targets import Target, draw_target, poison_count
 from poisonbench.errors import ConfigError, PoisonStoreError
 from poisonbench.files import canonical_json
+from poisonbench.fitting.victim import TrainingHooks
 from poisonbench.params import parse_params
 from poisonbench.registry import Registry
 
@@ -69,6 +83,9 @@ CraftFn = Callable[[ImageSet, Any, int, torch.device], PoisonStore]
 RANKS = ("one", "invariant")  # how an attack uses several devices (module docstring)
 BUDGET_NORMS = ("linf", "l2", "l0")  # the ball of an attack's budget param (module docstring)
 VICTIM_USES = ("none", "recipe", "adaptive")  # what of the victim an integrity attack's store depends on
+# Params that say what of the victim an attack uses, not how it crafts: the victim part of
+# the store's key carries their effect, so they stay out of the store's params and key.
+VICTIM_PARAMS = ("adaptive",)
 # Keys of a training mapping that say where it runs, not what it computes: not in victim keys.
 EXECUTION_KEYS = ("accelerator", "devices", "strategy", "eval_every")
 
@@ -98,6 +115,20 @@ class VictimSpec:
 
 
 @dataclass(frozen=True)
+class VictimDefense:
+    """The victim's defense as an adaptive attacker trains its surrogate with it: the
+    name and params (what the key records) and ``hooks``, a factory of fresh
+    ``TrainingHooks`` objects (the job builds them: attacks import no defense)."""
+
+    name: str
+    params: dict
+    hooks: Callable[[], TrainingHooks]
+
+    def key(self) -> dict:
+        return {"defense": self.name, "defense_params": self.params}
+
+
+@dataclass(frozen=True)
 class AttackInput:
     """Everything an attack may use (integrity attacks take it whole)."""
 
@@ -111,6 +142,9 @@ class AttackInput:
     # attacker knows it and crafts on it. Not part of a store's key: ``victim.base_model``
     # (what makes the file) is.
     base_weights: Path | None = None
+    # The victim's defense where it acts inside training (None: none, or one that does
+    # not): an adaptive attack's surrogate trains with it (module docstring).
+    defense: VictimDefense | None = None
 
 
 IntegrityCraftFn = Callable[[AttackInput, Any], PoisonStore]
@@ -130,7 +164,7 @@ class Attack:
     budget_param: str = "eps"  # the param that is its budget; absent from its params: it changes nothing
     keeps_labels: bool = True  # clean-label: its stores keep every training label
     integrity: bool = False  # craft(inp: AttackInput, params) against inp.target (module docstring)
-    victim: str = "none"  # none | recipe | adaptive: what of inp.victim its store depends on
+    victim: str = "none"  # none | recipe | adaptive: what of inp.victim (and inp.defense) its store depends on
     targets: int | None = 1  # test images of the target class a trial draws for it (None: all, up to 1000)
 
     def __post_init__(self) -> None:
@@ -211,15 +245,27 @@ class Attack:
                 raise ConfigError(f"attack {self.name!r} is an integrity attack: it needs a trial's target")
             if inp.test is not None and inp.test.fingerprint != inp.target.test_fingerprint:
                 raise ConfigError(f"the target of attack {self.name!r} was drawn from another test split than the one given")
+        if inp.defense is not None:
+            victim = inp.victim
+            if victim is None or (victim.defense, victim.defense_params) != (inp.defense.name, inp.defense.params):
+                raise ConfigError(f"attack {self.name!r} was given the hooks of defense {inp.defense.name!r}, "
+                                  f"but its victim is defended by {victim.defense if victim else 'nothing'!r}")
         return inp
 
-    def cache_context(self, inp: AttackInput) -> dict | None:
-        """What an integrity attack's store depends on besides (params, base, seed)."""
+    def adapts(self, params: Any = None) -> bool:
+        """Whether, with ``params``, this attack trains its surrogate with the victim's
+        defense: declared ``victim="adaptive"``, and its ``adaptive`` param (if any) on."""
+        return self.victim == "adaptive" and bool(getattr(params, "adaptive", True))
+
+    def cache_context(self, inp: AttackInput, params: Any = None) -> dict | None:
+        """What an integrity attack's store depends on besides (params, base, seed): the
+        target; the victim where its surrogate imitates it; and the victim's defense where
+        the surrogate trains with it (``adapts(params)`` and the input carries it)."""
         if not self.integrity:
             return None
         context = {"target": inp.target.key()}
         if self.victim != "none" and inp.victim is not None:
-            context["victim"] = inp.victim.key(defense=self.victim == "adaptive")
+            context["victim"] = inp.victim.key(defense=self.adapts(params) and inp.defense is not None)
         return context
 
     def draw_target(self, train: ImageSet, test: ImageSet, seed: int, params: Any) -> Target:
@@ -252,7 +298,8 @@ def register_attack(name: str, params_type: type, version: int = 1,
 
 
 def params_dict(params: Any) -> dict:
-    return dataclasses.asdict(params)
+    """The params a store records and is keyed by: all but ``VICTIM_PARAMS``."""
+    return {k: v for k, v in dataclasses.asdict(params).items() if k not in VICTIM_PARAMS}
 
 
 def check_store(store: PoisonStore, attack: Attack, params: Any, seed: int, imageset: ImageSet,
@@ -344,7 +391,7 @@ def craft_cached(name: str, imageset: ImageSet | AttackInput, params: dict | Non
     imageset, seed = inp.train, inp.seed
     devices = attack.devices(inp.device)
     path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version,
-                      attack.cache_context(inp))
+                      attack.cache_context(inp, full))
     partial = path.with_name(path.stem + ".partial.safetensors")
 
     def load(entry: Path) -> PoisonStore:

@@ -6,6 +6,9 @@ in the crafting models"). ``trained_model`` fits one on clean data
 (``poisonbench.fitting``) and caches its weights as an artifact under
 ``$POISONBENCH_HOME/surrogates/``, keyed by everything that determines them, so that the
 targeted and the untargeted adversarial poisons of one table share one crafting model.
+An adaptive attacker's surrogate trains with the victim's defense (``defense``: a
+``VictimDefense``, whose fresh hooks act in the surrogate's training as in the
+victim's); its key then adds the defense (and is unchanged without one).
 A cached model is verified when it is read (readable safetensors, the content hash it
 was written with, every weight of the model with its shape); one that fails is trained
 again.
@@ -22,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
+from poisonbench.attacks.base import VictimDefense
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
@@ -82,12 +86,15 @@ def recipe_config(recipe: SurrogateRecipe | dict) -> dict:
 
 
 def surrogate_artifact(imageset: ImageSet, model: str, model_params: dict, activation: str,
-                       recipe: SurrogateRecipe | dict, seed: int) -> Artifact:
-    """The cache address of a crafting model: everything that determines its weights."""
-    return Artifact("surrogates", {
-        "dataset": imageset.name, "fingerprint": imageset.fingerprint, "model": model,
-        "model_params": model_params, "activation": activation, "recipe": recipe_config(recipe),
-        "seed": int(seed), "version": 1})
+                       recipe: SurrogateRecipe | dict, seed: int, defense: VictimDefense | None = None) -> Artifact:
+    """The cache address of a crafting model: everything that determines its weights
+    (the defense it trains with only when there is one, so undefended keys stay as they were)."""
+    key = {"dataset": imageset.name, "fingerprint": imageset.fingerprint, "model": model,
+           "model_params": model_params, "activation": activation, "recipe": recipe_config(recipe),
+           "seed": int(seed), "version": 1}
+    if defense is not None:
+        key.update(defense.key())
+    return Artifact("surrogates", key)
 
 
 def _load_weights(net: nn.Module, path: Path) -> nn.Module:
@@ -115,9 +122,10 @@ def _save_weights(net: nn.Module, tmp: Path) -> None:
 
 def trained_model(imageset: ImageSet, model: str, model_params: dict | None, activation: str,
                   recipe: SurrogateRecipe | dict, seed: int, device: torch.device,
-                  progress: bool = False) -> tuple[ImageClassifier, float]:
+                  progress: bool = False, defense: VictimDefense | None = None) -> tuple[ImageClassifier, float]:
     """A crafting model trained on clean ``imageset`` (cached), in eval mode on ``device``;
-    ``recipe``: a ``SurrogateRecipe`` or a complete training mapping (a job's ``train``).
+    ``recipe``: a ``SurrogateRecipe`` or a complete training mapping (a job's ``train``);
+    ``defense``: the victim's, trained with through a fresh set of its hooks (adaptive).
 
     Returns the model and the seconds spent training (0 on a cache hit).
     """
@@ -132,11 +140,12 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
             train = recipe_config(recipe)
             if device.type == "cpu":
                 train["accelerator"] = "cpu"
-            fit_clean(net, imageset, train, seed=int(seed), progress=progress)
+            fit_clean(net, imageset, train, seed=int(seed), progress=progress,
+                      hooks=defense.hooks() if defense is not None else None)
         return net
 
     made = get_or_make(
-        surrogate_artifact(imageset, model, params, activation, recipe, seed),
+        surrogate_artifact(imageset, model, params, activation, recipe, seed, defense),
         load=lambda path: _load_weights(build_crafting_model(model, imageset.num_classes, params, activation), path),
         make=make, save=_save_weights)
     return made.value.to(device).eval(), made.seconds

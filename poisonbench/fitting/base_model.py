@@ -8,8 +8,8 @@ A job names it under ``base_model`` in its config:
     base_model:
       recipe: null        # a ``train`` mapping; null: the job's own ``train``
       seed: 0             # of its init and data order: one base model for every trial
-      defense: none       # the defense it is trained with (§5.4: defend only the base)
-      defense_params: {}
+      defense: job        # the defense it is trained with: job = the job's own where it acts
+      defense_params: {}  #   inside training, else none; a name: that one (§5.4: defend only the base)
       file: null          # a local weights file instead (safetensors or a state dict)
       finetune_lr: 0.001  # fine-tuning multiplies the job's lr by this (App. C: "lr drops by 0.001×")
 
@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
 from poisonbench.data.imageset import ImageSet
+from poisonbench.errors import ConfigError
 from poisonbench.fitting.fit import fit_clean
 from poisonbench.fitting.trainer import quiet_lightning
 from poisonbench.fitting.victim import TrainingHooks
@@ -39,22 +40,33 @@ from poisonbench.models.weights import load_weights
 from poisonbench.params import parse_params, ranged
 
 FORMAT = 1  # bump when what a cached base model holds changes
+# ``defense: job``: the base model trains with the job's defense (ROBUSTER.md, "Scenarios":
+# "With a defense on, the base model is trained with it"); the job resolves it.
+JOB_DEFENSE = "job"
 
 
 @dataclass(frozen=True)
 class BaseModelParams:
     recipe: dict | None = None  # a ``train`` mapping; None: the job's own
     seed: int = ranged(0, 0, 2**32, high_open=True)  # one base model for every trial
-    defense: str = "none"  # trained with this defense (robuster §5.4)
-    defense_params: dict = field(default_factory=dict)
+    defense: str = JOB_DEFENSE  # trained with this defense; job: the job's (robuster §5.4 names one)
+    defense_params: dict = field(default_factory=dict)  # with defense: job, the job's
     file: str | None = None  # a local weights file instead
     finetune_lr: float = ranged(0.001, 0, 1, low_open=True)  # App. C: "lr drops by 0.001×"
 
 
-def base_model_config(value: Any, where: str) -> dict[str, Any]:
+def base_model_config(value: Any, where: str, job_defense: tuple[str, Mapping] | None = None) -> dict[str, Any]:
     """The ``base_model`` mapping with its defaults, checked by the shared parameter
-    checker (keys, types, ranges)."""
-    return dataclasses.asdict(parse_params(BaseModelParams, value, where, "base_model"))
+    checker (keys, types, ranges), ``defense: job`` resolved to ``job_defense`` (the
+    (name, params) the job trains with; None: no defense)."""
+    settings = dataclasses.asdict(parse_params(BaseModelParams, value, where, "base_model"))
+    if settings["defense"] == JOB_DEFENSE:
+        if settings["defense_params"]:
+            raise ConfigError(f"{where}: base_model with defense {JOB_DEFENSE!r} takes the job's defense_params; "
+                              "name the defense to give it its own")
+        name, params = job_defense if job_defense is not None else ("none", {})
+        settings.update(defense=name, defense_params=dict(params))
+    return settings
 
 
 def base_model_artifact(train: ImageSet, model: str, model_params: Mapping, recipe: Mapping,

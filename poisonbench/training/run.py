@@ -11,9 +11,16 @@ poisoned training set (what a defender receives) before the trainer sees it, and
 ``VictimModule``. The scenario routes the rest: ``scratch``, ``finetune`` and
 ``transfer`` train with Lightning; ``linear_eval`` extracts features once and fits an
 L-BFGS linear classifier (``poisonbench.fitting.linear_eval``), with no curve.
+
+A defense that acts inside training (its per-batch or per-step hook) also trains what
+the victim's training depends on: the base model of ``finetune`` and ``transfer``
+(``base_model.defense: job``, the default) and an adaptive attacker's surrogate, which
+gets it as ``AttackInput.defense`` (a factory of fresh hooks: the layers below know no
+defense). A filter or a replaced network acts on the victim's data or network alone.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +31,7 @@ import yaml
 
 from poisonbench import provenance
 from poisonbench.attacks import ATTACKS, craft_cached
-from poisonbench.attacks.base import AttackInput, VictimSpec, check_declared, craft_cost
+from poisonbench.attacks.base import AttackInput, VictimDefense, VictimSpec, check_declared, craft_cost
 from poisonbench.schema.job_config import CONFIG_FILE, check_scenario
 from poisonbench.schema.job_dir import Claim, claim, clear_job_dir, inherited_claim, make_job_dir
 from poisonbench.schema.result import RESULT_FILE, RESULT_FORMAT_VERSION, metric_problem
@@ -36,7 +43,7 @@ from poisonbench.defenses import Defense, build_defense
 from poisonbench.errors import JobError
 from poisonbench.files import write_json, write_text
 from poisonbench.models import build_model
-from poisonbench.fitting.base_model import base_model, base_model_config
+from poisonbench.fitting.base_model import JOB_DEFENSE, base_model, base_model_config
 from poisonbench.fitting.fit import fit
 from poisonbench.fitting.linear_eval import linear_eval
 from poisonbench.fitting.targets import target_metrics, validation_set
@@ -170,9 +177,10 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
             target = attack.draw_target(base, test, int(config["poison_seed"]), attack.params(attack_params))
             victim = VictimSpec(config["model"], dict(config.get("model_params") or {}), train_cfg, scenario,
                                 config.get("defense", "none"), dict(config.get("defense_params") or {}),
-                                config.get("base_model"))
+                                _victim_base_model(config))
             data = AttackInput(base, int(config["poison_seed"]), craft_device, test=test, target=target,
-                               victim=victim, base_weights=Path(base_info["path"]) if base_info else None)
+                               victim=victim, base_weights=Path(base_info["path"]) if base_info else None,
+                               defense=training_defense(config))
         store, craft_s = craft_cached(config["attack"], data, attack_params,
                                       int(config["poison_seed"]), craft_device, progress=progress_bar)
     if config.get("task", "train") != "train":
@@ -291,10 +299,50 @@ def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStor
     return result
 
 
+def acts_in_training(defense: Defense) -> bool:
+    """Whether ``defense`` changes training itself (its per-batch or per-step hook), not
+    only the data (a filter) or the network (``prepare_model``)."""
+    kind = type(defense)
+    return (kind.on_train_batch is not Defense.on_train_batch
+            or kind.on_before_optimizer_step is not Defense.on_before_optimizer_step)
+
+
+def training_defense(config: dict) -> VictimDefense | None:
+    """The job's defense as an adaptive attacker trains with it, or None where it does
+    not act inside training; each call of its ``hooks`` builds a fresh defense, so the
+    surrogate's defense state (counters, random streams) is not the victim's."""
+    name, params = config.get("defense") or "none", dict(config.get("defense_params") or {})
+    if not acts_in_training(build_defense(name, params)):
+        return None
+    return VictimDefense(name, params, functools.partial(build_defense, name, params))
+
+
+def base_model_settings(config: dict) -> dict:
+    """The job's ``base_model`` settings, ``defense: job`` resolved: the job's defense
+    where it acts inside training (ROBUSTER.md: "With a defense on, the base model is
+    trained with it"), else none."""
+    hooks = training_defense(config)
+    return base_model_config(config["base_model"], "the job config",
+                             job_defense=(hooks.name, hooks.params) if hooks is not None else None)
+
+
+def _victim_base_model(config: dict) -> dict | None:
+    """The base model as an attacker's store key names it: as written, plus the defense
+    that ``defense: job`` stood for where that is one (so an undefended job's key is the
+    one it always had, and a defended job's base model keys its own stores)."""
+    written = config.get("base_model")
+    if written is None or written.get("defense", JOB_DEFENSE) != JOB_DEFENSE:
+        return written
+    settings = base_model_settings(config)
+    if settings["defense"] == "none":
+        return written
+    return {**written, "defense": settings["defense"], "defense_params": settings["defense_params"]}
+
+
 def _from_base_model(config: dict, base: ImageSet, train_cfg: dict, progress: bool) -> tuple:
     """The victim as its base model (``poisonbench.fitting.base_model``), the recipe it is
     trained on with (fine-tuning: the lr × ``finetune_lr``), and what result.json records."""
-    settings = base_model_config(config["base_model"], "the job config")
+    settings = base_model_settings(config)
     hooks = None if settings["defense"] == "none" else build_defense(settings["defense"], settings["defense_params"])
     params = dict(config.get("model_params") or {})
     recipe = dict(settings["recipe"] or train_cfg)
@@ -305,7 +353,8 @@ def _from_base_model(config: dict, base: ImageSet, train_cfg: dict, progress: bo
                                       hooks=hooks, progress=progress)
     if config.get("scenario") == "finetune":
         train_cfg = {**train_cfg, "lr": train_cfg["lr"] * settings["finetune_lr"]}
-    return model, train_cfg, {"path": str(path) if path else None, "train_s": round(seconds, 3)}
+    return model, train_cfg, {"path": str(path) if path else None, "train_s": round(seconds, 3),
+                              "defense": settings["defense"]}
 
 
 def _train(model, datamodule: PoisonedDataModule, config: dict, train_cfg: dict, defense: Defense, job_dir: Path,
