@@ -137,7 +137,7 @@ def test_the_base_model_trains_with_the_jobs_defense_unless_it_names_another():
     # A defense that acts on the network alone does not train the base model.
     swapped = _config(scenario="transfer", base_model={}, defense="pretrained")
     assert base_model_settings(swapped)["defense"] == "none"
-    with pytest.raises(ConfigError, match="takes the job's defense_params"):
+    with pytest.raises(ConfigError, match="must be empty with defense .job."):
         base_model_config({"defense": "job", "defense_params": {"p": 0.5}}, "the test")
 
 

@@ -62,8 +62,8 @@ def base_model_config(value: Any, where: str, job_defense: tuple[str, Mapping] |
     settings = dataclasses.asdict(parse_params(BaseModelParams, value, where, "base_model"))
     if settings["defense"] == JOB_DEFENSE:
         if settings["defense_params"]:
-            raise ConfigError(f"{where}: base_model with defense {JOB_DEFENSE!r} takes the job's defense_params; "
-                              "name the defense to give it its own")
+            raise ConfigError(f"base_model.defense_params of {where} must be empty with defense {JOB_DEFENSE!r} "
+                              "(it takes the job's); name the defense to give it its own")
         name, params = job_defense if job_defense is not None else ("none", {})
         settings.update(defense=name, defense_params=dict(params))
     return settings
