@@ -93,7 +93,9 @@ EXECUTION_KEYS = ("accelerator", "devices", "strategy", "eval_every")
 @dataclass(frozen=True)
 class VictimSpec:
     """What an adaptive or transfer attacker knows of the victim: its model, its training
-    recipe (the job's ``train`` mapping), scenario, defense and base model."""
+    recipe (the job's ``train`` mapping), scenario, defense and base model (its settings
+    as written, with the defense that ``defense: job`` stood for where there is one: a
+    defended job's base model is another network)."""
 
     model: str
     model_params: dict
@@ -140,7 +142,8 @@ class AttackInput:
     victim: VictimSpec | None = None
     # The weights file of the victim's base model (finetune, transfer): the paper's
     # attacker knows it and crafts on it. Not part of a store's key: ``victim.base_model``
-    # (what makes the file) is.
+    # (what makes the file) is, so an attack that reads it declares victim="recipe" or
+    # "adaptive" (else one store would serve base models trained with other defenses).
     base_weights: Path | None = None
     # The victim's defense where it acts inside training (None: none, or one that does
     # not): an adaptive attack's surrogate trains with it (module docstring).
