@@ -344,3 +344,25 @@ def test_the_verb_offers_every_format():
     sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "import" in a.choices)
     fmt = next(a for a in sub.choices["import"]._actions if a.dest == "format")
     assert set(fmt.choices) == set(FORMATS)
+
+
+def test_an_l0_budget_admits_patched_poisons_and_refuses_changes_outside_the_patch(tmp_path, capsys, digits):
+    """A backdoor whose poisons carry the patch alone: ℓ0 = the patch's area by default."""
+    train, test = digits
+    patch = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(1))
+    x, y = 27, 27
+    folder, base, _, _ = write_jht(tmp_path / "patched", train, test, patch=(patch, [x, y]))
+    patched = train.images[base].clone()
+    patched[:, :, y:y + 5, x:x + 5] = (patch * 255).to(torch.uint8)
+    dump([(pil(p), 3) for p in patched], folder / "poisons.pickle")
+    out = tmp_path / "l0.safetensors"
+    code, _, err = run_import(capsys, "jht", folder, "--dataset", "digits", "--norm", "l0", "--out", out)
+    assert code == 0, err
+    store = PoisonStore.open(out, train, test)
+    assert store.norm == "l0" and store.eps == 25 and torch.equal(store.images, patched[torch.argsort(base)])
+
+    outside = patched.clone()
+    outside[0, :, 0, 0] ^= 1
+    dump([(pil(p), 3) for p in outside], folder / "poisons.pickle")
+    refused(capsys, tmp_path, ["jht", folder, "--dataset", "digits", "--norm", "l0"],
+            f"{folder}: 1 poisons differ from the clean images outside the trigger_mask")

@@ -54,6 +54,7 @@ import hashlib
 import io
 import math
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def load_pickle(path: Path) -> Any:
     except OSError as err:
         raise PoisonStoreError(f"{path} cannot be read ({err.strerror or err})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            RuntimeError) as err:
+            RuntimeError, ArithmeticError, struct.error) as err:
         raise PoisonStoreError(f"{path} is not a readable pickle ({type(err).__name__}: {err})") from None
 
 
@@ -522,8 +523,8 @@ def import_store(fmt: str, path: str | Path, train: ImageSet, test: ImageSet,
     )
     try:
         store.verify(train, test)
-    except PoisonStoreError as err:
-        raise PoisonStoreError(f"{path} does not fit: {err}") from None
+    except PoisonStoreError as err:  # the unsaved store's sentences say "poison store": name the source
+        raise PoisonStoreError(str(err).replace("poison store", str(path), 1)) from None
     return store
 
 
