@@ -366,3 +366,15 @@ def test_an_l0_budget_admits_patched_poisons_and_refuses_changes_outside_the_pat
     dump([(pil(p), 3) for p in outside], folder / "poisons.pickle")
     refused(capsys, tmp_path, ["jht", folder, "--dataset", "digits", "--norm", "l0"],
             f"{folder}: 1 poisons differ from the clean images outside the trigger_mask")
+
+
+def test_a_target_one_level_off_after_a_float_round_trip_is_still_found(tmp_path, capsys, digits):
+    """Normalise, then un-normalise in float (the authors' crafting scripts) may move a pixel by one level."""
+    train, test = digits
+    folder, _, target, _ = write_jht(tmp_path / "fc", train, test)
+    moved = test.images[target].clone()
+    moved[0, 5, 5] = moved[0, 5, 5] + 1 if moved[0, 5, 5] < 255 else 254
+    dump((pil(moved), int(test.labels[target])), folder / "target.pickle")
+    out = tmp_path / "s.safetensors"
+    assert run_import(capsys, "jht", folder, "--dataset", "digits", "--out", out)[0] == 0
+    assert PoisonStore.open(out, train, test).target.target_index == (target,)
