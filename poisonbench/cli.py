@@ -309,6 +309,40 @@ def cmd_inspect(args) -> None:
         print(f"{'grid':20s} {args.png}")
 
 
+def budget_value(text: str | None, option: str = "--eps") -> float | None:
+    """``16/255``, ``0.0627`` or ``36``: a number or a fraction of two numbers."""
+    if text is None:
+        return None
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{option} expects a number or a fraction such as 16/255, got {text!r}") from None
+    return value
+
+
+def cmd_import(args) -> None:
+    from poisonbench.data import load_imageset
+    from poisonbench.data.foreign import Budget, default_path, import_store
+
+    budget = Budget(args.norm, budget_value(args.eps))  # a bad budget fails before any file is read
+    if args.out:
+        check_file_target(args.out, "--out")
+    else:
+        check_home()
+    train = load_imageset(args.dataset, args.data_root, "train")
+    test = load_imageset(args.dataset, args.data_root, "test")
+    store = import_store(args.format, args.path, train, test, budget)  # verified; nothing written before
+    path = store.save(Path(args.out) if args.out else default_path(store))
+    target = store.target
+    shown = f"l0 {store.eps:g} pixels" if store.norm == "l0" else f"l-inf {store.eps * 255:.4g}/255"
+    print(f"{path}  ({store.attack}: {store.budget['modified']} of {len(train)} training images modified, "
+          f"max l-inf {store.budget['linf']:.0f}/255 within {shown}; target test image(s) "
+          f"{', '.join(map(str, target.target_index))} -> class {target.adversarial_class}"
+          f"{'; with a trigger' if 'trigger' in store.extras else ''})")
+    print(f"train on it: poisonbench train --dataset {args.dataset} --model MODEL --store {path}")
+
+
 def cmd_leaderboard(args) -> None:
     from poisonbench.bench import runner
     from poisonbench.bench.jobs import runs_root
@@ -480,6 +514,20 @@ def build_parser() -> Parser:
     data_root(sp)
     sp.add_argument("--png", help="save a grid of clean / poisoned / amplified perturbation images")
     sp.set_defaults(func=cmd_inspect)
+
+    sp = verb("import", help="read poisons made elsewhere (jht, dp_external) into a verified poison store")
+    sp.add_argument("format", choices=["jht", "dp_external"],
+                    help="jht: a Just How Toxic poison folder; dp_external: a data-poisoning external package "
+                         "(e.g. MetaPoison's premade poisons)")
+    sp.add_argument("path", help="the jht folder (poisons.pickle, base_indices.pickle, target.pickle) or the "
+                                 "dp_external pickle file")
+    sp.add_argument("--dataset", required=True, help="the dataset the poisons were made on (train and test splits)")
+    data_root(sp)
+    sp.add_argument("--norm", choices=["linf", "l0"], default="linf", help="budget norm (default linf)")
+    sp.add_argument("--eps", help="budget: l-inf in pixel units, a number or fraction (default 16/255); "
+                                  "l0 a pixel count (default the patch's area)")
+    sp.add_argument("--out", help="store file (default $POISONBENCH_HOME/stores/import/<format>-<key>.safetensors)")
+    sp.set_defaults(func=cmd_import)
 
     sp = verb("leaderboard", help="render leaderboards from the results on disk")
     which = sp.add_mutually_exclusive_group()
