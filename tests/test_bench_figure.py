@@ -155,3 +155,84 @@ def test_wandb_logs_only_the_table_where_no_figure_is_declared(tmp_path, monkeyp
     table = run.logged["leaderboard"]
     assert table.columns == ["row", "column", "metric", "mean", "error", "n", "reference"]
     assert {r[2] for r in table.data} == {"test_acc"} and len(table.data) == 3
+
+
+# --------------------------------------------------------------------------- the digits tables
+
+
+def _named(spec, key):
+    return {cell.row: cell.config[key] for cell in spec.cells()}
+
+
+def test_a_row_left_out_of_the_run_still_reads_not_implemented(tmp_path, monkeypatch):
+    """A planned defense's cell says so even when ``--rows`` left its row out."""
+    from poisonbench.bench.aggregate import aggregate
+
+    monkeypatch.setenv("POISONBENCH_CONFIGS", str(GOLDEN / "configs"))
+    spec = load_table("robuster/fig3")
+    cells = {c.row: c for c in aggregate(spec, expand(spec, trials=1, rows=["none"]), {})}
+    assert cells["dp_sgd_1e-2"].trials == 0 and cells["dp_sgd_1e-2"].missing == "defense 'dp_sgd'"
+    assert cells["adversarial_poisoning"].missing is None
+
+
+def test_digits_integrity_has_the_transfer_rows_and_keeps_its_jobs(tmp_path):
+    from poisonbench.attacks import ATTACKS
+    from poisonbench.bench.aggregate import aggregate
+    from poisonbench.bench.catalogue import planned_catalogue
+    from poisonbench.bench.render import render_table
+
+    spec = load_table("demo/digits-integrity")
+    transfer = ["poison_frogs_transfer", "bullseye_transfer", "hidden_trigger_transfer"]
+    assert spec.row_ids[-3:] == transfer
+    for cell in spec.cells():
+        if cell.row in transfer:
+            assert cell.config["scenario"] == "transfer" and cell.config["base_model"] == {}
+            assert (cell.config["dataset"], cell.config["model"]) == ("digits", "small_cnn")
+            if cell.column == "defended":  # robuster Table 3: gradient matching, p = 0.75, for every row
+                assert cell.config["defense_params"].get("attack", "gradient_matching") == "gradient_matching"
+                assert cell.config["defense_params"]["p"] == 0.75
+    assert next(r for r in spec.rows if r.id == "hidden_trigger_transfer").metric == "backdoor_success"
+    # The rows that ran before keep their jobs (and the committed leaderboard its numbers).
+    old = tmp_path / "old.yaml"
+    text = spec.path.read_text()
+    old.write_text(text[:text.index("  - id: poison_frogs_transfer")])
+    before = [j.hash for j in expand(load_table(old))]
+    assert [j.hash for j in expand(spec) if j.row not in transfer] == before
+    # Attacks still to come load, expand and render as "not implemented".
+    planned = planned_catalogue().planned.get("attacks", frozenset())
+    attacks = {_named(spec, "attack")[row] for row in transfer}
+    assert attacks <= planned | set(ATTACKS.names())
+    jobs = expand(spec, trials=1)
+    text = render_table(spec, aggregate(spec, jobs, {}), {}, tmp_path / "boards", "cpu", force=True).read_text()
+    for attack in attacks & planned:
+        assert f"not implemented (attack '{attack}')" in text
+
+
+def test_digits_integrity_defenses_runs_table2s_rows_against_a_backdoor():
+    from poisonbench.bench.catalogue import load_suite, planned_catalogue
+    from poisonbench.defenses import DEFENSES
+
+    spec = load_table("demo/digits-integrity-defenses")
+    table2 = load_table("robuster/table2")
+    assert spec.row_ids == table2.row_ids and spec.profile == "cpu"
+    assert (spec.metric, spec.extra_metrics) == ("backdoor_success", ("val_acc",))
+    mine, theirs = {c.row: c.config for c in spec.cells()}, {c.row: c.config for c in table2.cells()}
+    for row, config in mine.items():
+        assert (config["attack"], config["scenario"], config["dataset"]) == ("backdoor_patch", "scratch", "digits")
+        assert config["defense"] == theirs[row]["defense"]
+        params, paper = config["defense_params"], theirs[row]["defense_params"]
+        assert {k: params[k] for k in paper if k != "attack"} == {k: v for k, v in paper.items() if k != "attack"}
+    assert mine["adversarial_poisoning_50"]["defense_params"]["attack"] == "patch"  # a backdoor's inner attack
+    assert mine["adversarial_training_16"]["defense_params"]["steps"] == 2  # CPU minutes
+    planned = planned_catalogue().planned.get("defenses", frozenset())
+    assert {c["defense"] for c in mine.values()} <= planned | set(DEFENSES.names())
+    assert spec.figure.highlight == ("adversarial_poisoning_25", "adversarial_poisoning_50", "adversarial_poisoning_75")
+    assert "demo/digits-integrity-defenses" in load_suite("all")
+    assert "demo/digits-integrity-defenses" not in load_suite("demo")
+
+
+def test_the_defenses_suite_holds_both_papers_defense_tables():
+    from poisonbench.bench.catalogue import load_suite
+
+    assert set(load_suite("defenses")) == {"shortcuts/table4", "shortcuts/table7", "robuster/table2",
+                                            "robuster/table3", "robuster/fig3", "robuster/sec5_4"}

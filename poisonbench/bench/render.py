@@ -454,6 +454,17 @@ def _role_names(spec: TableSpec, role: str) -> str:
     return ", ".join(names[i] for i in ids)
 
 
+def _legend_name(spec: TableSpec, role: str) -> str:
+    """A role's rows in a legend: one row's name, or what several share before their
+    parameters ("Adversarial poisoning" of "Adversarial poisoning (p = 0.25)", ...)."""
+    ids = spec.figure.baseline if role == "baseline" else spec.figure.highlight
+    names = [r.name for r in spec.rows if r.id in ids]
+    if len(names) == 1:
+        return names[0]
+    shared = os.path.commonprefix(names).split(" (")[0].strip()
+    return shared or ("baseline" if role == "baseline" else "highlighted") + f" ({len(names)} rows)"
+
+
 def _figure_section(spec: TableSpec, cells: list[CellResult], png: str) -> str:
     """The markdown that embeds the declared figure and says what its points are."""
     figure = spec.figure
@@ -498,7 +509,9 @@ def _write_scatter(path: Path, spec: TableSpec, cells: list[CellResult]) -> None
     ax.set_xlabel(_axis_label(spec, figure.x))
     ax.set_ylabel(_axis_label(spec, figure.y))
     ax.grid(True, color="0.9", linewidth=0.5)
-    handles = [Line2D([], [], marker="o", linestyle="", color=ROLE_COLORS[role], label=_role_names(spec, role))
+    # Room for the labels beside the outermost points.
+    ax.margins(x=0.2, y=0.1)
+    handles = [Line2D([], [], marker="o", linestyle="", color=ROLE_COLORS[role], label=_legend_name(spec, role))
                for role in ("baseline", "highlight") if getattr(figure, role)]
     if handles:
         ax.legend(handles=handles, fontsize="small", loc="best")
