@@ -236,3 +236,23 @@ def test_the_defenses_suite_holds_both_papers_defense_tables():
 
     assert set(load_suite("defenses")) == {"shortcuts/table4", "shortcuts/table7", "robuster/table2",
                                             "robuster/table3", "robuster/fig3", "robuster/sec5_4"}
+
+
+def test_a_table_with_columns_gets_one_point_per_cell(tmp_path):
+    """Rows × columns: each cell is a point labelled "row / column", coloured by its row."""
+    from poisonbench.bench.aggregate import aggregate
+    from poisonbench.bench.render import scatter_points
+
+    path = tmp_path / "cols.yaml"
+    path.write_text(textwrap.dedent(SPEC.format(figure="{kind: scatter, x: val_acc, y: poison_success, baseline: none}"))
+                    + "columns:\n  - {id: a, name: A}\n  - {id: b, name: B, set: {model: resnet18}}\n")
+    spec = load_table(path)
+    jobs = expand(spec, trials=2)
+    results = {j.hash: {"job": j.hash, "config": j.config,
+                        "metrics": {"poison_success": 100.0 * j.trial, "val_acc": 80.0 + j.trial}}
+               for j in jobs if j.column == "a"}
+    points = scatter_points(spec, aggregate(spec, jobs, results))
+    assert [(p["label"], p["role"]) for p in points] == [("none / A", "baseline"), ("none / B", "baseline"),
+                                                         ("ap / A", "other"), ("ap / B", "other")]
+    assert (points[0]["x"], points[0]["x_error"], points[0]["y"], points[0]["n"]) == (80.5, 0.5, 50.0, 2)
+    assert points[1]["x"] is None and points[1]["n"] == 0
