@@ -8,7 +8,8 @@ SMOKE  := .smoke
 
 .PHONY: install test demo smoke pretrain-digits leaderboards bench clean \
         table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7 \
-        robuster-table1 robuster-table2 robuster-table3 robuster-fig3 robuster-sec5_4
+        robuster-table1 robuster-table2 robuster-table3 robuster-fig3 robuster-sec5_4 \
+        demo-digits-integrity demo-digits-integrity-defenses
 
 install: $(VENV)/.installed
 
@@ -45,6 +46,11 @@ table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7: install
 # The robuster paper's tables: make robuster-table1 runs robuster/table1 (PROFILE=cpu too).
 robuster-table1 robuster-table2 robuster-table3 robuster-fig3 robuster-sec5_4: install
 	$(PB) run --table robuster/$(patsubst robuster-%,%,$@) $(PROFILE_ARG)
+
+# The digits tables outside the quick demo suite (cpu profile, 20 paired trials each):
+# make demo-digits-integrity-defenses runs demo/digits-integrity-defenses.
+demo-digits-integrity demo-digits-integrity-defenses: install
+	$(PB) run --table demo/$(patsubst demo-%,%,$@)
 
 leaderboards: install
 	$(PB) leaderboard

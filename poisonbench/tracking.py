@@ -44,8 +44,10 @@ def log_craft(config: dict, job_dir: Path, summary: dict) -> None:
     run.finish()
 
 
-def log_leaderboard(table: str, profile: str, payload: dict) -> None:
-    """Log a rendered leaderboard (its JSON payload) as a W&B Table of an aggregate run."""
+def log_leaderboard(table: str, profile: str, payload: dict, image: Path | None = None) -> None:
+    """Log a rendered leaderboard (its JSON payload) to an aggregate run: every metric
+    of the table as a W&B Table (``leaderboard``), and where the spec declares a figure
+    its points as a W&B scatter (``scatter``) and ``image``, its PNG (``figure``)."""
     import wandb
 
     from poisonbench.files import home
@@ -56,7 +58,36 @@ def log_leaderboard(table: str, profile: str, payload: dict) -> None:
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), id=run_id, group=table,
                      job_type="aggregate", name=f"{table} ({profile})", dir=str(out_dir),
                      mode=_mode(), config={"table": table, "profile": profile}, reinit="create_new")
-    columns = ["row", "column", "mean", "sem", "n", "reference"]
-    rows = [[cell.get(c) for c in columns] for cell in payload["cells"]]
-    run.log({"leaderboard": wandb.Table(columns=columns, data=rows)})
+    columns, rows = leaderboard_rows(payload)
+    logged = {"leaderboard": wandb.Table(columns=columns, data=rows)}
+    figure = payload.get("figure")
+    if figure and figure.get("kind") == "scatter":
+        x, y = figure["x"], figure["y"]
+        points = [[p["label"], p["role"], p["x"], p["y"], p["x_error"], p["y_error"], p["n"]]
+                  for p in figure["points"] if p["x"] is not None and p["y"] is not None]
+        drawn = wandb.Table(columns=["label", "role", x, y, f"{x}_error", f"{y}_error", "n"], data=points)
+        logged["scatter"] = wandb.plot.scatter(drawn, x, y, title=f"{table}: {y} against {x}")
+        if image is not None and Path(image).is_file():
+            logged["figure"] = wandb.Image(str(image), caption=f"{table} ({profile})")
+    run.log(logged)
     run.finish()
+
+
+def leaderboard_rows(payload: dict) -> tuple[list[str], list[list]]:
+    """(columns, rows) of a leaderboard's cells with every metric: the headline metric
+    (``metric`` names it per row, which may differ from the table's) as mean, error, n
+    and the paper's value, then each other metric of the table as ``<m>``, ``<m>_error``,
+    ``<m>_n`` and ``<m>_reference``."""
+    extra = list(dict.fromkeys(m for cell in payload["cells"] for m in cell.get("metrics") or {}))
+    columns = ["row", "column", "metric", "mean", "error", "n", "reference"]
+    for m in extra:
+        columns += [m, f"{m}_error", f"{m}_n", f"{m}_reference"]
+    rows = []
+    for cell in payload["cells"]:
+        row = [cell["row"], cell["column"], cell.get("metric", payload.get("metric")), cell.get("mean"),
+               cell.get("sem"), cell.get("n"), cell.get("reference")]
+        for m in extra:
+            stats = (cell.get("metrics") or {}).get(m) or {}
+            row += [stats.get("mean"), stats.get("error"), stats.get("n"), stats.get("reference")]
+        rows.append(row)
+    return columns, rows

@@ -40,7 +40,7 @@ def fake_result(job, value, curve=None, finished_at="2026-01-01T00:00:00+00:00")
 # --------------------------------------------------------------------------- golden
 
 
-@pytest.mark.parametrize("table, n_results", [("demo/digits", 3), ("shortcuts/table2", 4)])
+@pytest.mark.parametrize("table, n_results", [("demo/digits", 3), ("shortcuts/table2", 4), ("robuster/fig3", 5)])
 def test_golden_leaderboard(tmp_path, monkeypatch, table, n_results):
     monkeypatch.setenv("POISONBENCH_CONFIGS", str(GOLDEN / "configs"))
     spec = load_table(table)
@@ -84,6 +84,68 @@ def test_golden_other_setting_has_no_diffs():
     assert prov["setting"] == {"run": ["small_cnn on digits"], "paper": ["resnet18 on cifar10"], "comparable": False}
     assert prov["versions"] == {"torch": ["2.5.0"], "lightning": ["2.4.0"], "numpy": ["2.1.0"]}
     assert prov["threads"] == ["2"] and len(prov["job_hashes"]) == 4
+
+
+def _golden_fig3(tmp_path, monkeypatch, out="boards"):
+    monkeypatch.setenv("POISONBENCH_CONFIGS", str(GOLDEN / "configs"))
+    spec = load_table("robuster/fig3")
+    jobs = expand(spec, trials=2)
+    results = read_results(jobs, GOLDEN / "runs")
+    return spec, jobs, results, render_table(spec, aggregate(spec, jobs, results), results, tmp_path / out, spec.profile)
+
+
+def _pixels(png: Path, rgb: tuple[float, float, float]) -> int:
+    """How many pixels of a PNG have (about) this colour."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    image = imread(png)[..., :3]
+    return int((np.abs(image - np.array(rgb)).max(axis=-1) < 0.02).sum())
+
+
+TAB_RED, TAB_BLUE = (0xD6 / 255, 0x27 / 255, 0x28 / 255), (0x1F / 255, 0x77 / 255, 0xB4 / 255)
+
+
+def test_golden_scatter_figure(tmp_path, monkeypatch):
+    """robuster/fig3 from the committed results: the .md embeds the scatter, the .json
+    holds its points (byte-compared by the golden test above), and the PNG is a fixed
+    size, the same bytes on a second render, with the baseline blue and the proposed
+    defense red."""
+    _, _, _, md = _golden_fig3(tmp_path, monkeypatch)
+    text = md.read_text()
+    assert "## Figure" in text and "![Figure 3: poison success vs validation accuracy" in text and "](fig3.png)" in text
+    assert "Blue: Undefended; red: Adversarial poisoning (p = 0.75); grey: the other rows." in text
+    assert "Not drawn, without a result: DP-SGD (n = 0.01) (not implemented: defense 'dp_sgd')." in text
+    points = {p["row"]: p for p in json.loads(md.with_suffix(".json").read_text())["figure"]["points"]}
+    assert [p["role"] for p in points.values()] == ["baseline", "other", "other", "highlight"]
+    assert (points["none"]["x"], points["none"]["y"]) == (91.0, 100.0)
+    assert points["adversarial_training_8"]["x_error"] is None  # one trial: no error bar on accuracy
+    png = md.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 500_000
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (720, 540)  # IHDR
+    assert b"tEXt" not in png and b"tIME" not in png  # no software, date or time in the metadata
+    _, _, _, again = _golden_fig3(tmp_path, monkeypatch, out="again")
+    assert again.with_suffix(".png").read_bytes() == png
+    assert _pixels(md.with_suffix(".png"), TAB_RED) > 20 and _pixels(md.with_suffix(".png"), TAB_BLUE) > 20
+
+
+def test_scatter_colours_follow_the_spec(tmp_path, monkeypatch):
+    """Without highlight and baseline every point is grey: no red or blue drawn."""
+    import shutil
+
+    configs = tmp_path / "configs"
+    shutil.copytree(GOLDEN / "configs", configs)
+    spec_file = configs / "tables" / "robuster" / "fig3.yaml"
+    spec_file.write_text(spec_file.read_text().replace(", highlight: adversarial_poisoning, baseline: none", ""))
+    monkeypatch.setenv("POISONBENCH_CONFIGS", str(configs))
+    spec = load_table("robuster/fig3")
+    jobs = expand(spec, trials=2)
+    results = read_results(jobs, GOLDEN / "runs")
+    assert len(results) == 5  # the figure is no part of a job's hash
+    md = render_table(spec, aggregate(spec, jobs, results), results, tmp_path / "boards", spec.profile)
+    assert _pixels(md.with_suffix(".png"), TAB_RED) == 0 and _pixels(md.with_suffix(".png"), TAB_BLUE) == 0
+    assert _pixels(md.with_suffix(".png"), (0.55, 0.55, 0.55)) > 20
+    assert "Grey: the other rows." in md.read_text() and "Blue:" not in md.read_text()
 
 
 def test_golden_json_shape():

@@ -78,7 +78,8 @@ def test_smoke_every_row_of_every_table(fixture_root):
         assert all(job_state(j, runs_root()) == "done" for j in p.jobs
                    if (p.spec.id, j.row, j.column) not in planned), p.spec.id
     assert {table for table, _, _ in planned} <= {"robuster/table1", "robuster/table2", "robuster/table3",
-                                                  "robuster/fig3", "robuster/sec5_4"}
+                                                  "robuster/fig3", "robuster/sec5_4", "demo/digits-integrity",
+                                                  "demo/digits-integrity-defenses"}
 
 
 def test_wandb_offline_run_directory(tmp_path):

@@ -131,7 +131,7 @@ def aggregate(spec: TableSpec, jobs: Iterable[Job], results: Mapping[str, Mappin
                 setting=_one_setting(settings),
                 paper_setting=paper_setting(spec, row.id, column.id), derived=bool(column.best_of),
                 reference_error=row.reference_error.get(column.id), extra=extra, metric=metric,
-                missing=next((m for m in map(planned.missing, (j.config for j in cell_jobs)) if m), None),
+                missing=planned.missing(cell_jobs[0].config if cell_jobs else _spec_names(spec, row.id, column.id)),
             ))
     return [_best_of(spec, cell, cells) for cell in cells]
 
@@ -152,6 +152,17 @@ def _best_of(spec: TableSpec, cell: CellResult, cells: list[CellResult]) -> Cell
         values=best.values, chosen=best.column_name, setting=best.setting,
         paper_setting=cell.paper_setting, derived=True,
     )
+
+
+def _spec_names(spec: TableSpec, row: str, column: str) -> dict[str, Any]:
+    """The attack and defense a cell names in its spec: what a row left out of the run
+    (``--rows``) still needs, so that it reads "not implemented" rather than "not run"."""
+    names: dict[str, Any] = {}
+    row_spec = next(r for r in spec.rows if r.id == row)
+    column_spec = next(c for c in spec.columns if c.id == column)
+    for layer in (spec.defaults, column_spec.set, row_spec.set, row_spec.cells.get(column, {})):
+        names.update({k: layer[k] for k in ("attack", "defense") if k in layer})
+    return names
 
 
 def paper_setting(spec: TableSpec, row: str, column: str) -> tuple[str, str | None]:

@@ -1,6 +1,11 @@
 """Leaderboards: one table's aggregated cells rendered to ``<paper>/<table>.md``, ``.csv``,
 ``.json`` and ``.png``, and ``README.md`` indexing every table of the two papers.
 
+The ``.png`` is a bar chart of the primary metric (curves for ``kind: curves``), or the
+figure the spec declares (``figure: {kind: scatter, ...}``: robuster Figure 3's poison
+success against validation accuracy), which the ``.md`` then embeds and whose plotted
+points the ``.json`` holds under ``figure``.
+
 Only numbers that a run produced go in; a cell without a result says "not run". The
 provenance (profile, datasets, hardware, versions, date) is read from the results,
 and the date is the latest ``finished_at`` rather than now, so rendering the same
@@ -93,10 +98,15 @@ def render_table(
     markdown = table_markdown(spec, cells, prov) + _craft_costs(spec, values)
     if spec.kind == "figure":
         markdown += _figures(spec, cells, base)
+    if spec.figure is not None:
+        markdown += _figure_section(spec, cells, base.with_suffix(".png").name)
     files.write_text(base.with_suffix(".md"), markdown)
     files.write_text(base.with_suffix(".csv"), table_csv(cells))
     files.write_text(base.with_suffix(".json"), table_json(spec, cells, prov))
-    _write_png(base.with_suffix(".png"), spec, cells)
+    if spec.figure is not None:
+        _write_scatter(base.with_suffix(".png"), spec, cells)
+    else:
+        _write_png(base.with_suffix(".png"), spec, cells)
     return base.with_suffix(".md")
 
 
@@ -130,6 +140,9 @@ def table_json(spec: TableSpec, cells: list[CellResult], prov: Mapping[str, Any]
             for c in cells
         ],
     }
+    if spec.figure is not None:
+        doc["figure"] = {"kind": spec.figure.kind, "x": spec.figure.x, "y": spec.figure.y,
+                         "png": f"{spec.name}.png", "points": scatter_points(spec, cells)}
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
@@ -385,6 +398,126 @@ def _plot_curves(ax: Any, cells: list[CellResult], spec: TableSpec) -> None:
     ax.set_ylabel(spec.metric_name)
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize="small")
+
+
+# --------------------------------------------------------------------------- declared figure
+
+ROLE_COLORS = {"baseline": "tab:blue", "highlight": "tab:red", "other": "0.55"}
+
+
+def metric_summary(spec: TableSpec, cell: CellResult, metric: str) -> tuple[float | None, float | None, int]:
+    """(mean, error, n) of one of the table's metrics in a cell: the headline (the row's
+    own metric where it has one) or one of ``spec.extra_metrics``."""
+    if metric == spec.metric:
+        return cell.mean, cell.sem, cell.n
+    for name, mean, error, n, _ in cell.extra:
+        if name == metric:
+            return mean, error, n
+    return None, None, 0
+
+
+def scatter_points(spec: TableSpec, cells: list[CellResult]) -> list[dict[str, Any]]:
+    """The points of the spec's scatter, one per cell with jobs, in spec order; x and y
+    are None where the cell has no result (then it is not drawn)."""
+    figure = spec.figure
+    if figure is None:
+        return []
+    several = len(spec.columns) > 1
+    points = []
+    for c in cells:
+        if c.derived:
+            continue
+        x, x_error, _ = metric_summary(spec, c, figure.x)
+        y, y_error, _ = metric_summary(spec, c, figure.y)
+        role = "baseline" if c.row in figure.baseline else "highlight" if c.row in figure.highlight else "other"
+        points.append({
+            "row": c.row, "column": c.column,
+            "label": f"{c.row_name} / {c.column_name}" if several else c.row_name,
+            "role": role, "x": _round(x), "x_error": _round(x_error),
+            "y": _round(y), "y_error": _round(y_error), "n": c.n,
+            **({"not_implemented": c.missing} if c.missing else {}),
+        })
+    return points
+
+
+def _axis_label(spec: TableSpec, metric: str) -> str:
+    if metric == spec.metric:
+        return spec.metric_name
+    label = METRICS.get(metric).label if metric in METRICS else metric
+    unit = METRICS.get(metric).unit if metric in METRICS else ""
+    return f"{label} ({unit})" if unit else label
+
+
+def _role_names(spec: TableSpec, role: str) -> str:
+    ids = spec.figure.baseline if role == "baseline" else spec.figure.highlight
+    names = {r.id: r.name for r in spec.rows}
+    return ", ".join(names[i] for i in ids)
+
+
+def _legend_name(spec: TableSpec, role: str) -> str:
+    """A role's rows in a legend: one row's name, or what several share before their
+    parameters ("Adversarial poisoning" of "Adversarial poisoning (p = 0.25)", ...)."""
+    ids = spec.figure.baseline if role == "baseline" else spec.figure.highlight
+    names = [r.name for r in spec.rows if r.id in ids]
+    if len(names) == 1:
+        return names[0]
+    shared = os.path.commonprefix(names).split(" (")[0].strip()
+    return shared or ("baseline" if role == "baseline" else "highlighted") + f" ({len(names)} rows)"
+
+
+def _figure_section(spec: TableSpec, cells: list[CellResult], png: str) -> str:
+    """The markdown that embeds the declared figure and says what its points are."""
+    figure = spec.figure
+    points = scatter_points(spec, cells)
+    colours = [f"{colour}: {_md(_role_names(spec, role))}" for role, colour in (("baseline", "blue"),
+               ("highlight", "red")) if getattr(figure, role)]
+    colours.append("grey: the other rows")
+    colours[0] = colours[0][:1].upper() + colours[0][1:]
+    lines = ["", "## Figure", "", f"![{_md(spec.title)}]({png})", "",
+             f"Each point is one {'cell' if len(spec.columns) > 1 else 'row'}: x = {_axis_label(spec, figure.x)} "
+             f"(`{figure.x}`), y = {_axis_label(spec, figure.y)} (`{figure.y}`), means over the trials with "
+             f"the table's errors as bars (none for a single trial). {'; '.join(colours)}."]
+    undrawn = [p for p in points if p["x"] is None or p["y"] is None]
+    if undrawn:
+        lines += ["", "Not drawn, without a result: " + ", ".join(
+            _md(p["label"]) + (f" (not implemented: {p['not_implemented']})" if p.get("not_implemented") else "")
+            for p in undrawn) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_scatter(path: Path, spec: TableSpec, cells: list[CellResult]) -> None:
+    """The declared scatter: a fixed size and dpi, no software or date in the PNG's
+    metadata, so the same cells give the same bytes under one matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    figure = spec.figure
+    fig = Figure(figsize=(7.2, 5.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = [p for p in scatter_points(spec, cells) if p["x"] is not None and p["y"] is not None]
+    for p in drawn:
+        colour = ROLE_COLORS[p["role"]]
+        ax.errorbar(p["x"], p["y"], xerr=p["x_error"], yerr=p["y_error"], fmt="o", color=colour,
+                    ecolor=colour, elinewidth=1, capsize=3, markersize=6,
+                    zorder=2 if p["role"] == "other" else 3)
+        ax.annotate(p["label"], (p["x"], p["y"]), xytext=(5, 4), textcoords="offset points",
+                    fontsize="x-small", color="0.2" if p["role"] == "other" else colour)
+    if not drawn:
+        ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", va="center")
+    ax.set_xlabel(_axis_label(spec, figure.x))
+    ax.set_ylabel(_axis_label(spec, figure.y))
+    ax.grid(True, color="0.9", linewidth=0.5)
+    # Room for the labels beside the outermost points.
+    ax.margins(x=0.2, y=0.1)
+    handles = [Line2D([], [], marker="o", linestyle="", color=ROLE_COLORS[role], label=_legend_name(spec, role))
+               for role in ("baseline", "highlight") if getattr(figure, role)]
+    if handles:
+        ax.legend(handles=handles, fontsize="small", loc="best")
+    fig.suptitle(spec.title, fontsize="medium")
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
 
 
 # --------------------------------------------------------------------------- index

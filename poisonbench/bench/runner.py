@@ -215,5 +215,6 @@ def write_leaderboard(p: Plan, *, wandb: bool = False, console: Console | None =
     if wandb:
         from poisonbench.tracking import log_leaderboard
 
-        log_leaderboard(p.spec.id, profile, json.loads(path.with_suffix(".json").read_text()))
+        log_leaderboard(p.spec.id, profile, json.loads(path.with_suffix(".json").read_text()),
+                        image=path.with_suffix(".png"))
     return path

@@ -27,12 +27,13 @@ from poisonbench.errors import ConfigError
 from poisonbench.schema.job_config import DEFAULTS, check_set, merge_layer
 
 KINDS = ("table", "curves", "figure")
+FIGURE_KINDS = ("scatter",)
 POISON_SEEDS = ("fixed", "per_trial")
 NO_COLUMN = "value"  # the one column of a table without ``columns``
 
 _TABLE_KEYS = (
     "id", "paper", "title", "notes", "metric", "metrics", "metric_name", "higher_is_better", "kind",
-    "profile", "trials", "poison_seed", "defaults", "columns", "rows",
+    "profile", "trials", "poison_seed", "defaults", "columns", "rows", "figure",
 )
 _ROW_KEYS = ("id", "name", "notes", "set", "reference", "cells", "metric")
 _COLUMN_KEYS = ("id", "name", "notes", "set", "best_of")
@@ -71,6 +72,21 @@ class RowSpec:
 
 
 @dataclass(frozen=True)
+class FigureSpec:
+    """A plot of a table's aggregates drawn beside its leaderboard (``figure:`` of a spec).
+
+    ``scatter``: one point per cell at (mean of metric ``x``, mean of metric ``y``) with
+    both errors as bars; ``baseline`` rows blue, ``highlight`` rows red, others grey
+    (robuster Figure 3: undefended blue, adversarial poisoning red)."""
+
+    kind: str
+    x: str
+    y: str
+    highlight: tuple[str, ...] = ()  # row ids
+    baseline: tuple[str, ...] = ()  # row ids
+
+
+@dataclass(frozen=True)
 class Cell:
     """One (row, column) of a table with its resolved config (no per-job fields)."""
 
@@ -101,6 +117,7 @@ class TableSpec:
     notes: str = ""
     path: Path | None = None
     extra_metrics: tuple[str, ...] = ()  # shown beside the primary metric (``metrics:`` after the first)
+    figure: FigureSpec | None = None
 
     @property
     def name(self) -> str:
@@ -215,7 +232,43 @@ def _parse_table(data: dict[str, Any], path: Path, expected: str | None) -> Tabl
         columns=tuple(columns), rows=tuple(rows),
         notes=check_value(data.get("notes", ""), str, f"notes in {where}"),
         path=path, extra_metrics=tuple(metrics[1:]),
+        figure=_parse_figure(data.get("figure"), where, kind, metrics, [r.id for r in rows]),
     )
+
+
+def _parse_figure(data: Any, where: str, kind: str, metrics: list[str], row_ids: list[str]) -> FigureSpec | None:
+    if data is None:
+        return None
+    fwhere = f"figure in {where}"
+    check_keys(data, ("kind", "x", "y", "highlight", "baseline"), fwhere)
+    if kind != "table":
+        raise ConfigError(f"{fwhere} needs kind table (a {kind} table draws its own figure)")
+    fig_kind = required(data, "kind", fwhere)
+    if fig_kind not in FIGURE_KINDS:
+        raise ConfigError(f"kind of {fwhere} must be one of {', '.join(FIGURE_KINDS)}; got {describe(fig_kind)}")
+    axes = {}
+    for axis in ("x", "y"):
+        name = required(data, axis, fwhere)
+        if name not in metrics:
+            raise ConfigError(f"{axis} of {fwhere} must be one of the table's metrics "
+                              f"({', '.join(metrics)}); got {describe(name)}")
+        axes[axis] = name
+    if axes["x"] == axes["y"]:
+        raise ConfigError(f"x and y of {fwhere} are both {axes['x']!r}; a scatter needs two metrics")
+    roles = {}
+    for role in ("highlight", "baseline"):
+        value = data.get(role, [])
+        ids = [value] if isinstance(value, str) else value
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ConfigError(f"{role} of {fwhere} must be a row id or a list of them; got {describe(value)}")
+        unknown = [i for i in ids if i not in row_ids]
+        if unknown:
+            raise ConfigError(f"{role} of {fwhere} names row {unknown[0]!r}; rows: {', '.join(row_ids)}")
+        roles[role] = tuple(ids)
+    both = sorted(set(roles["highlight"]) & set(roles["baseline"]))
+    if both:
+        raise ConfigError(f"{fwhere} names row {both[0]!r} as both highlight and baseline")
+    return FigureSpec(kind=fig_kind, x=axes["x"], y=axes["y"], **roles)
 
 
 def _parse_columns(data: Any, where: str) -> list[ColumnSpec]:

@@ -12,7 +12,10 @@ it has a Δ column; shortcuts/table2 names CIFAR-10 and ResNet-18 but the cpu pr
 runs it on digits, so its title names the setting and it has no Δ. The results cover
 every case a leaderboard shows: a full cell (2 of 2 trials), a cell with one trial (no
 error bar) and a cell that was not run; time stamps with different UTC offsets, where
-the lexicographically largest one is not the latest.
+the lexicographically largest one is not the latest. robuster/fig3 declares a scatter
+figure: its results hold poison success and validation accuracy, its .json the plotted
+points (the PNG itself is checked for its size, colours and determinism, since its
+bytes depend on the matplotlib version).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ LEADERBOARDS = GOLDEN / "leaderboards"
 TRIALS = 2
 SUFFIXES = (".md", ".csv", ".json")  # the PNG is checked for existence only
 
-# table -> (row, trial) -> (test_acc, finished_at); other jobs have no result.
+# table -> (row, trial) -> (test_acc or {metric: value}, finished_at); other jobs have no result.
 FAKE = {
     "demo/digits": {
         ("none", 0): (93.5, "2026-11-21T12:00:00+00:00"),
@@ -42,13 +45,25 @@ FAKE = {
         ("random_noise", 0): (85.25, "2026-11-22T10:00:00+00:00"),
         ("random_noise", 1): (87.75, "2026-11-22T10:30:00+00:00"),
     },
+    "robuster/fig3": {
+        ("none", 0): ({"poison_success": 100.0, "val_acc": 90.5}, "2026-11-23T08:00:00+00:00"),
+        ("none", 1): ({"poison_success": 100.0, "val_acc": 91.5}, "2026-11-23T08:10:00+00:00"),
+        ("adversarial_training_8", 0): ({"poison_success": 0.0, "val_acc": 80.25}, "2026-11-23T08:20:00+00:00"),
+        ("adversarial_poisoning", 0): ({"poison_success": 0.0, "val_acc": 88.0}, "2026-11-23T08:30:00+00:00"),
+        ("adversarial_poisoning", 1): ({"poison_success": 100.0, "val_acc": 89.0}, "2026-11-23T08:40:00+00:00"),
+    },
 }
 TABLES = tuple(FAKE)
 
 
-def fake_result(job, test_acc: float, finished_at: str) -> dict:
-    """A result.json as the runner writes it (docs/architecture.md), with fixed values."""
-    return {
+def fake_result(job, value: float | dict, finished_at: str) -> dict:
+    """A result.json as the runner writes it (docs/architecture.md), with fixed values:
+    ``value`` is the test accuracy (with a curve) or the metrics themselves."""
+    if isinstance(value, dict):
+        metrics, curves = {**value, "train_acc": 99.0}, None
+    else:
+        metrics, curves = {"test_acc": value, "train_acc": 99.0}, {"epoch": [1, 2], "test_acc": [value / 2, value]}
+    result = {
         "format_version": 1,
         "job": job.hash,
         "table": job.table,
@@ -58,14 +73,17 @@ def fake_result(job, test_acc: float, finished_at: str) -> dict:
         "seed": job.config["seed"],
         "poison_seed": job.config["poison_seed"],
         "config": job.config,
-        "metrics": {"test_acc": test_acc, "train_acc": 99.0},
-        "curves": {"epoch": [1, 2], "test_acc": [test_acc / 2, test_acc]},
+        "metrics": metrics,
+        "curves": curves,
         "timings": {"craft_s": 0.5, "train_s": 10.0},
         "hardware": {"device": "cpu", "name": "golden-cpu", "count": 1, "threads": 2},
         "versions": {"poisonbench": "0.1.0", "commit": "0123abc", "torch": "2.5.0", "lightning": "2.4.0",
                      "numpy": "2.1.0"},
         "finished_at": finished_at,
     }
+    if curves is None:
+        del result["curves"]
+    return result
 
 
 def render(table: str, out_dir: Path) -> Path:
