@@ -706,7 +706,7 @@ def bench_training_defenses(devices: Sequence[torch.device], repeats: int,
             x = torch.rand((b, 3, 32, 32), generator=gen).to(device)
             y = torch.randint(0, 10, (b,), generator=gen).to(device)
 
-            def step(defense=build_defense("none")):
+            def step(defense):
                 images, labels = defense.on_train_batch(model, x, y)
                 loss = F.cross_entropy(model(images), labels)
                 opt.zero_grad(set_to_none=True)
@@ -714,15 +714,28 @@ def bench_training_defenses(devices: Sequence[torch.device], repeats: int,
                 defense.on_before_optimizer_step(model, opt)
                 opt.step()
 
-            _, t_plain = timed(step, repeats, device)
+            def seconds(defense) -> float:
+                sync(device)
+                start = time.perf_counter()
+                step(defense)
+                sync(device)
+                return time.perf_counter() - start
+
+            plain = build_defense("none")
+            step(plain)  # warm-up
             for defense_name, params in TRAINING_DEFENSES.items():
                 defense = build_defense(defense_name, params)
-                _, t_defended = timed(lambda: step(defense), repeats, device)
-                ratios[f"{defense_name} {name} {device}"] = t_defended / t_plain
+                step(defense)  # warm-up
+                # Plain and defended steps alternate, so load on a shared machine hits both alike.
+                pairs = [(seconds(plain), seconds(defense)) for _ in range(max(repeats, 1))]
+                t_plain = statistics.median(a for a, _ in pairs)
+                t_defended = statistics.median(b for _, b in pairs)
+                ratio = statistics.median(b / a for a, b in pairs)
+                ratios[f"{defense_name} {name} {device}"] = ratio
                 shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
                 print(f"{defense_name}{f' ({shown})' if shown else ''}, {name}, {device}, batch {b}: "
                       f"{sig(t_defended)} s per defended step, {sig(t_plain)} s per plain step, "
-                      f"ratio {sig(t_defended / t_plain)}")
+                      f"ratio {sig(ratio)} (median of {len(pairs)} alternating pairs)")
     return ratios
 
 
