@@ -35,9 +35,13 @@ Costs on each ``--device`` (no target; what a run will take):
    and ResNet-18 (the issue's target: ≤ ~4×).
 9. ``gradient_matching``: seconds per 100 poisons per crafting step of
    ``gradient_matching`` (cosine, augmentation on) against small_cnn and ResNet-18.
+10. ``training_defenses``: one training step defended by each of ``dp_sgd``,
+   ``random_noise``, ``cutmix`` (every batch mixed), ``maxup`` and robuster's
+   adversarial training (signed Adam, ε 8/255) over a plain step, same model and
+   batch, small_cnn and ResNet-18 (batch sizes as ``adv_poisoning``).
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
-sections 4–8 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+sections 4–10 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
 depend on the device (small on a CPU) and are printed with every figure.
 
@@ -66,7 +70,7 @@ import torch
 from torch import nn
 
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
-            "gradient_matching")
+            "gradient_matching", "training_defenses")
 MiB, GiB = 2**20, 2**30
 
 
@@ -675,6 +679,66 @@ def bench_adversarial_poisoning(devices: Sequence[torch.device], repeats: int,
     return ratios
 
 
+# The defenses of the training_defenses section, each at its paper setting.
+TRAINING_DEFENSES = {"dp_sgd": {"noise": 0.01}, "random_noise": {}, "cutmix": {"prob": 1.0}, "maxup": {},
+                     "adversarial_training": {"method": "signed_adam", "eps": 8 / 255}}
+
+
+def bench_training_defenses(devices: Sequence[torch.device], repeats: int,
+                            models: dict[str, dict] | None = None, batch: int | None = None) -> dict[str, float]:
+    """Seconds of a step defended by each training-time defense over a plain step, per
+    defense × model × device (the step: defense's batch, forward, backward, its gradient
+    hook, SGD)."""
+    import torch.nn.functional as F
+
+    from poisonbench.defenses import build_defense
+    from poisonbench.models import build_model
+
+    models = CRAFT_MODELS if models is None else models
+    ratios = {}
+    for device in devices:
+        for name, model_params in models.items():
+            b = batch or ADV_POISONING_BATCH[device.type].get(name, 128)
+            torch.manual_seed(0)
+            model = build_model(name, 10, **model_params).to(device).train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.rand((b, 3, 32, 32), generator=gen).to(device)
+            y = torch.randint(0, 10, (b,), generator=gen).to(device)
+
+            def step(defense):
+                images, labels = defense.on_train_batch(model, x, y)
+                loss = F.cross_entropy(model(images), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                defense.on_before_optimizer_step(model, opt)
+                opt.step()
+
+            def seconds(defense) -> float:
+                sync(device)
+                start = time.perf_counter()
+                step(defense)
+                sync(device)
+                return time.perf_counter() - start
+
+            plain = build_defense("none")
+            step(plain)  # warm-up
+            for defense_name, params in TRAINING_DEFENSES.items():
+                defense = build_defense(defense_name, params)
+                step(defense)  # warm-up
+                # Plain and defended steps alternate, so load on a shared machine hits both alike.
+                pairs = [(seconds(plain), seconds(defense)) for _ in range(max(repeats, 1))]
+                t_plain = statistics.median(a for a, _ in pairs)
+                t_defended = statistics.median(b for _, b in pairs)
+                ratio = statistics.median(b / a for a, b in pairs)
+                ratios[f"{defense_name} {name} {device}"] = ratio
+                shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+                print(f"{defense_name}{f' ({shown})' if shown else ''}, {name}, {device}, batch {b}: "
+                      f"{sig(t_defended)} s per defended step, {sig(t_plain)} s per plain step, "
+                      f"ratio {sig(ratio)} (median of {len(pairs)} alternating pairs)")
+    return ratios
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -723,6 +787,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_adversarial_poisoning(devices, args.repeats)
         elif section == "gradient_matching":
             bench_gradient_matching(devices)
+        elif section == "training_defenses":
+            bench_training_defenses(devices, args.repeats)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 
