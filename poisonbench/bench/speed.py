@@ -35,6 +35,10 @@ Costs on each ``--device`` (no target; what a run will take):
    and ResNet-18 (the issue's target: ≤ ~4×).
 9. ``gradient_matching``: seconds per 100 poisons per crafting step of
    ``gradient_matching`` (cosine, augmentation on) against small_cnn and ResNet-18.
+10. ``filters``: seconds of each training-set filter's decision (``suspects``: spectral
+    signatures, activation clustering with ICA, deep k-NN) on 50,000 × 512 random
+    features, 10 classes, 500 poisons, on the CPU (scikit-learn and NumPy); the feature
+    model's training and the feature extraction are not included.
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
 sections 4–8 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
@@ -66,7 +70,7 @@ import torch
 from torch import nn
 
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
-            "gradient_matching")
+            "gradient_matching", "filters")
 MiB, GiB = 2**20, 2**30
 
 
@@ -587,6 +591,26 @@ def bench_lbfgs(devices: Sequence[torch.device], n: int = 50_000, d: int = 512, 
     return seconds
 
 
+def bench_filters(n: int = 50_000, d: int = 512, classes: int = 10, poisons: int = 500,
+                  names: Sequence[str] = ("spectral_signatures", "activation_clustering", "deep_knn")) -> dict[str, float]:
+    """Seconds of each filter's ``suspects`` on random features (CPU, one run each)."""
+    from poisonbench.defenses import build_defense
+
+    rng = np.random.default_rng(0)
+    features = rng.random((n, d), dtype=np.float32)  # non-negative, like pooled ReLU features
+    labels = rng.integers(0, classes, n)
+    seconds = {}
+    for name in names:
+        defense = build_defense(name)
+        start = time.perf_counter()
+        flagged = defense.suspects(features, labels, num_classes=classes, poison_count=poisons, seed=0)
+        seconds[name] = time.perf_counter() - start
+        params = ", ".join(f"{k} {v}" for k, v in vars(defense.params).items())
+        print(f"filter {name} ({params}), {n:,} × {d} random features, {classes} classes, {poisons:,} poisons, cpu: "
+              f"{sig(seconds[name])} s ({len(flagged):,} removed)")
+    return seconds
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -723,6 +747,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_adversarial_poisoning(devices, args.repeats)
         elif section == "gradient_matching":
             bench_gradient_matching(devices)
+        elif section == "filters":
+            bench_filters()
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 
