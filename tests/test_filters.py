@@ -128,6 +128,19 @@ def test_deep_knn_excludes_the_point_itself_even_among_duplicates():
     assert suspects("deep_knn", x, y, poison_count=1) == {2}
 
 
+def test_deep_knn_drops_a_duplicate_when_the_point_itself_is_not_found():
+    from sklearn.neighbors import NearestNeighbors
+
+    from poisonbench.defenses.deep_knn import neighbours_of
+
+    x = np.zeros((5, 20), dtype=np.float32)  # five copies of one point: k + 1 = 3 of them come back
+    index = NearestNeighbors(n_neighbors=3).fit(x)
+    rows = np.arange(5)
+    near = neighbours_of(index, x, rows, 2)
+    assert near.shape == (5, 2) and not (near == rows[:, None]).any()
+    assert all(len(set(r)) == 2 for r in near.tolist())
+
+
 def test_deep_knn_never_builds_an_n_by_n_matrix():
     """25,000 points with the address space capped 1 GiB above what the interpreter holds:
     an N × N float32 distance matrix (2.5 GB) cannot be allocated, the index's blocks can."""
