@@ -123,13 +123,18 @@ def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config
     ``defense.filter``: ``kept`` and ``removed`` samples, ``poisons`` in the set,
     ``removed_poisons`` among the removed, ``precision`` (removed_poisons / removed) and
     ``recall`` (removed_poisons / poisons) as fractions (``None`` where the denominator
-    is 0), and ``filter_s``, the seconds of the filter (its model's training included,
-    0-ish when cached).
+    is 0), and ``filter_s``, the seconds of the filter (its model's training included
+    unless cached).
     """
     start = time.perf_counter()
     datamodule.setup("fit")  # builds the poisoned training set; the trainer's setup() keeps it
     train = datamodule.train_set
-    poisons = _poison_positions(datamodule)
+    store = datamodule.store
+    if store is None or datamodule.drop_poisoned or store.index.numel() == 0:  # dropped, not poisoned: none
+        poisons = torch.zeros(0, dtype=torch.int64)
+    else:  # the store's indices as applied: positions in the training set
+        subset = select_poisoned(store, len(datamodule.base), datamodule.ratio)
+        poisons = store.index if subset is None else store.index[subset]
 
     def held_base_model():
         return _from_base_model(config, datamodule.base, dict(config["train"]), False)[0]
@@ -157,16 +162,6 @@ def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config
     return {"kept": int(kept.numel()), "removed": m, "poisons": p, "removed_poisons": caught,
             "precision": caught / m if m else None, "recall": caught / p if p else None,
             "filter_s": round(time.perf_counter() - start, 3)}
-
-
-def _poison_positions(datamodule: PoisonedDataModule) -> torch.Tensor:
-    """Positions in the training set of the samples the store poisoned (none when the
-    poisoned samples were dropped instead): the store's indices, as applied."""
-    store = datamodule.store
-    if store is None or datamodule.drop_poisoned or store.index.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    subset = select_poisoned(store, len(datamodule.base), datamodule.ratio)
-    return store.index if subset is None else store.index[subset]
 
 
 def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
