@@ -39,9 +39,13 @@ Costs on each ``--device`` (no target; what a run will take):
    ``random_noise``, ``cutmix`` (every batch mixed), ``maxup`` and robuster's
    adversarial training (signed Adam, ε 8/255) over a plain step, same model and
    batch, small_cnn and ResNet-18 (batch sizes as ``adv_poisoning``).
+11. ``filters``: seconds of each training-set filter's decision (``suspects``: spectral
+    signatures, activation clustering with ICA, deep k-NN) on 50,000 × 512 random
+    features, 10 classes, 500 poisons, on the CPU (scikit-learn and NumPy); the feature
+    model's training and the feature extraction are not included.
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
-sections 4–10 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+sections 4–11 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
 depend on the device (small on a CPU) and are printed with every figure.
 
@@ -70,7 +74,7 @@ import torch
 from torch import nn
 
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
-            "gradient_matching", "training_defenses")
+            "gradient_matching", "training_defenses", "filters")
 MiB, GiB = 2**20, 2**30
 
 
@@ -591,6 +595,26 @@ def bench_lbfgs(devices: Sequence[torch.device], n: int = 50_000, d: int = 512, 
     return seconds
 
 
+def bench_filters(n: int = 50_000, d: int = 512, classes: int = 10, poisons: int = 500,
+                  names: Sequence[str] = ("spectral_signatures", "activation_clustering", "deep_knn")) -> dict[str, float]:
+    """Seconds of each filter's ``suspects`` on random features (CPU, one run each)."""
+    from poisonbench.defenses import build_defense
+
+    rng = np.random.default_rng(0)
+    features = rng.random((n, d), dtype=np.float32)  # non-negative, like pooled ReLU features
+    labels = rng.integers(0, classes, n)
+    seconds = {}
+    for name in names:
+        defense = build_defense(name)
+        start = time.perf_counter()
+        flagged = defense.suspects(features, labels, num_classes=classes, poison_count=poisons, seed=0)
+        seconds[name] = time.perf_counter() - start
+        params = ", ".join(f"{k} {v}" for k, v in vars(defense.params).items())
+        print(f"filter {name} ({params}), {n:,} × {d} random features, {classes} classes, {poisons:,} poisons, cpu: "
+              f"{sig(seconds[name])} s ({len(flagged):,} removed)")
+    return seconds
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -789,6 +813,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_gradient_matching(devices)
         elif section == "training_defenses":
             bench_training_defenses(devices, args.repeats)
+        elif section == "filters":
+            bench_filters()
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 

@@ -6,7 +6,8 @@ to four hooks, one per place where a defense can act on training (DESIGN.md,
 the one it needs and the trainer calls all four without knowing which are used:
 
 - ``filter_training_set`` before training: which samples of the (poisoned) training
-  set to keep (data sanitisation: robuster's k-NN, spectral and activation filters);
+  set to keep (data sanitisation: robuster's k-NN, spectral and activation filters,
+  on the features that ``poisonbench.defenses.filtering`` computes once for all three);
 - ``on_train_batch`` per batch, after augmentation, inside the training step (so
   under the trainer's autocast and with the model in its training mode): the batch
   the step trains on (adversarial training, adversarial poisoning, mixing
@@ -62,12 +63,17 @@ class Defense:
 
     # ------------------------------------------------------------------ hooks
     def filter_training_set(self, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
-                            seed: int, device: torch.device, config: Mapping) -> torch.Tensor | None:
+                            seed: int, device: torch.device, config: Mapping, poison_count: int = 0,
+                            base_model: Callable[[], ImageClassifier] | None = None) -> torch.Tensor | None:
         """Indices (int64) of the training samples to keep, or ``None`` to keep all.
 
         ``images`` are uint8 N×3×H×W, ``labels`` int64 [N] (the poisoned set, as the
         defender receives it); ``config`` is the resolved job config, for filters that
-        first train a model with the job's own recipe.
+        first train a model with the job's own recipe. ``poison_count``: how many of the
+        samples are poisons (robuster §5.2 gives the filters the exact count, never which
+        ones). ``base_model``: when the job starts from a base model (fine-tuning,
+        transfer), a function that returns it (trained or loaded on the first call,
+        cached), the model the defender already holds; ``None`` from scratch.
         """
         return None
 

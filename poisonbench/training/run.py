@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +38,7 @@ from poisonbench.schema.job_dir import Claim, claim, clear_job_dir, inherited_cl
 from poisonbench.schema.result import RESULT_FILE, RESULT_FORMAT_VERSION, metric_problem
 from poisonbench.data import load_imageset
 from poisonbench.data.imageset import ImageSet
-from poisonbench.data.module import PoisonedDataModule
+from poisonbench.data.module import PoisonedDataModule, select_poisoned
 from poisonbench.data.store import PoisonStore
 from poisonbench.defenses import Defense, build_defense
 from poisonbench.errors import JobError
@@ -123,12 +124,32 @@ def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config
                         device: torch.device) -> dict | None:
     """Apply the defense's filter to the datamodule's poisoned training set in place.
 
-    Returns ``{"kept": n, "removed": m}``, or ``None`` when the defense keeps everything.
+    The filter is told the exact poison count (robuster §5.2), never which samples they
+    are, and, when the job starts from a base model, how to get it. Returns ``None`` when
+    the defense keeps everything, else what ``result.json`` records as
+    ``defense.filter``: ``kept`` and ``removed`` samples, ``poisons`` in the set,
+    ``removed_poisons`` among the removed, ``precision`` (removed_poisons / removed) and
+    ``recall`` (removed_poisons / poisons) as fractions (``None`` where the denominator
+    is 0), and ``filter_s``, the seconds of the filter (its model's training included
+    unless cached).
     """
+    start = time.perf_counter()
     datamodule.setup("fit")  # builds the poisoned training set; the trainer's setup() keeps it
     train = datamodule.train_set
+    store = datamodule.store
+    if store is None or datamodule.drop_poisoned or store.index.numel() == 0:  # dropped, not poisoned: none
+        poisons = torch.zeros(0, dtype=torch.int64)
+    else:  # the store's indices as applied: positions in the training set
+        subset = select_poisoned(store, len(datamodule.base), datamodule.ratio)
+        poisons = store.index if subset is None else store.index[subset]
+
+    def held_base_model():
+        return _from_base_model(config, datamodule.base, dict(config["train"]), False)[0]
+
     kept = defense.filter_training_set(train.images, train.labels, num_classes=train.num_classes,
-                                       seed=int(config["seed"]), device=device, config=config)
+                                       seed=int(config["seed"]), device=device, config=config,
+                                       poison_count=int(poisons.numel()),
+                                       base_model=held_base_model if config.get("base_model") is not None else None)
     if kept is None:
         return None
     kept = torch.as_tensor(kept).cpu()
@@ -141,7 +162,13 @@ def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config
     kept = kept.sort().values
     datamodule.train_set = ImageSet(train.images.index_select(0, kept), train.labels.index_select(0, kept),
                                     train.classes, train.name, train.split)
-    return {"kept": int(kept.numel()), "removed": n - int(kept.numel())}
+    removed = torch.ones(n, dtype=torch.bool)
+    removed[kept] = False
+    m, p = n - int(kept.numel()), int(poisons.numel())
+    caught = int(removed[poisons].sum())
+    return {"kept": int(kept.numel()), "removed": m, "poisons": p, "removed_poisons": caught,
+            "precision": caught / m if m else None, "recall": caught / p if p else None,
+            "filter_s": round(time.perf_counter() - start, 3)}
 
 
 def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
