@@ -164,3 +164,16 @@ def test_metapoison_on_digits(digits):
     print(f"metapoison on digits (budget {budget:g}): {hits} of {trials} trials, p(adv) {p_adv}, "
           f"{time.perf_counter() - start:.0f} s")
     assert hits["poisoned"] >= hits["clean"]
+
+
+def test_the_speed_section_prints_each_figure(capsys, one_thread):
+    from poisonbench.bench import speed
+
+    assert "integrity_crafting" in speed.parse_sections("integrity_crafting")
+    figures = speed.bench_integrity_crafting([torch.device("cpu")], steps=1, poisons=4,
+                                             models={"small_cnn": {"pool": 1, "width": 4}})
+    out = capsys.readouterr().out
+    assert len(figures) == 3 and all(v > 0 for v in figures.values())
+    for line in ("hidden_trigger small_cnn, cpu: ", "metapoison small_cnn, cpu: ", "metapoison unroll small_cnn, cpu: "):
+        assert line in out
+    assert f"ratio {speed.sig(figures['unroll ratio small_cnn cpu'])}" in out
