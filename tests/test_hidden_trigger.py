@@ -191,3 +191,34 @@ def test_hidden_trigger_bites_on_digits_in_transfer(digits, tmp_path):
     mean = {name: sum(v) / len(v) for name, v in rates.items()}
     print(f"hidden trigger on digits (transfer): mean backdoor success {mean}, {time.perf_counter() - start:.0f} s")
     assert mean["poisoned"] > mean["clean"]
+
+
+def test_the_per_batch_form_patches_the_targets_and_pulls_the_poisons_to_them(one_thread):
+    from poisonbench.attacks.batch import BATCH_ATTACKS
+    from poisonbench.attacks.hidden_trigger import paired_loss
+    from poisonbench.defenses import build_defense
+    from poisonbench.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, width=8, pool=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x_p, x_t = torch.rand(12, 3, 32, 32, generator=g), torch.rand(12, 3, 32, 32, generator=g)
+    y_p, y_true = torch.zeros(12, dtype=torch.int64), torch.tensor([1, 2] * 6)
+    attack = BATCH_ATTACKS.get("hidden_trigger")
+    run = lambda steps, seed: attack(model, x_p, y_p, x_t, y_p, steps=steps, eps=16 / 255,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(seed), y_true=y_true)
+    poisons, targets = run(10, 1)
+    assert float((poisons - x_p).abs().max()) <= 16 / 255 + 1e-6 and poisons.min() >= 0 and poisons.max() <= 1
+    changed = (targets != x_t).any(dim=1)  # [N, H, W]: where a patch went
+    assert bool(changed.flatten(1).any(dim=1).all()) and int(changed.flatten(1).sum(dim=1).max()) < 45
+    with torch.no_grad():
+        goal = model.features(targets)
+        before, after = float(paired_loss(model.features(x_p), goal)), float(paired_loss(model.features(poisons), goal))
+    assert after < before, (before, after)
+    again = run(10, 1)
+    assert torch.equal(again[0], poisons) and torch.equal(again[1], targets)
+    # Adversarial poisoning takes it by name (the robuster paper's defended hidden-trigger rows).
+    defense = build_defense("adversarial_poisoning", {"attack": "hidden_trigger", "p": 0.5, "steps": 2})
+    images, labels = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    out, out_labels = defense.on_train_batch(model.train(), images, labels)
+    assert out.shape == images.shape and out_labels.shape == labels.shape and model.training

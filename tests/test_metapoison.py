@@ -177,3 +177,31 @@ def test_the_speed_section_prints_each_figure(capsys, one_thread):
     for line in ("hidden_trigger small_cnn, cpu: ", "metapoison small_cnn, cpu: ", "metapoison unroll small_cnn, cpu: "):
         assert line in out
     assert f"ratio {speed.sig(figures['unroll ratio small_cnn cpu'])}" in out
+
+
+def test_the_per_batch_form_lowers_the_unrolled_target_loss(one_thread):
+    from poisonbench.attacks.batch import BATCH_ATTACKS
+    from poisonbench.defenses import build_defense
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, width=8, pool=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x_p, x_t = torch.rand(12, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g)
+    y_p, y_t = torch.zeros(12, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
+    attack = BATCH_ATTACKS.get("metapoison")
+    poisons, targets = attack(model, x_p, y_p, x_t, y_t, steps=8, eps=16 / 255, generator=torch.Generator().manual_seed(1))
+    assert targets is x_t and float((poisons - x_p).abs().max()) <= 16 / 255 + 1e-6
+    settings = ATTACKS.get("metapoison").params({})
+    before = float(meta_loss(model, x_p, y_p, x_t, y_t, settings))
+    after = float(meta_loss(model, poisons, y_p, x_t, y_t, settings))
+    assert after < before, (before, after)
+    # A frozen backbone (transfer) stays as it is through the unroll: only the head moves.
+    model.backbone.requires_grad_(False)
+    weights = unroll(model, x_p, y_p, steps=2, lr=0.1)
+    assert weights["backbone.layers.0.weight"] is model.backbone.layers[0].weight
+    assert not torch.equal(weights["head.weight"], model.head.weight)
+    model.backbone.requires_grad_(True)
+    defense = build_defense("adversarial_poisoning", {"attack": "metapoison", "steps": 2})
+    images, labels = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    out, _ = defense.on_train_batch(model.train(), images, labels)
+    assert out.shape == images.shape

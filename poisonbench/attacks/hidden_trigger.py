@@ -27,6 +27,9 @@ The store declares ℓ∞ ε for its poisons and carries the trigger (uint8 [C,H
 outside the corner) and its mask, so that the job pastes it into the targets; the
 poisons themselves carry no patch (the trigger is hidden).
 
+Per-batch form: ``BATCH_ATTACKS["hidden_trigger"]``, the inner attack of adversarial
+poisoning against this attack (App. C.3; ``defense_params: {attack: hidden_trigger}``).
+
 Resumable like ``gradient_matching``: every step is a unit whose randomness (the drawn
 targets, the augmentation) comes from ``unit_generator(seed, unit)``; the checkpoint
 holds δ and Adam's moments.
@@ -57,6 +60,8 @@ from safetensors.torch import load_file
 
 from poisonbench.attacks import crafting
 from poisonbench.attacks.base import AttackInput, params_dict, register_attack
+from poisonbench.attacks.batch import BATCH_ATTACKS
+from poisonbench.attacks.batch import patch as batch_patch
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
 from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
@@ -321,3 +326,36 @@ def craft(inp: AttackInput, params: HiddenTriggerParams) -> PoisonStore:
     )
     checkpoint.remove()
     return store
+
+
+# ------------------------------------------------------------------- per-batch form
+
+
+def step_scale(model: torch.nn.Module) -> torch.Tensor | None:
+    """The model's normalisation std: signed Adam's lr in its normalised units (the authors')."""
+    std = getattr(getattr(model, "normalize", None), "std", None)
+    return std.flatten() if isinstance(std, torch.Tensor) else None
+
+
+@BATCH_ATTACKS.register("hidden_trigger")
+def batch_hidden_trigger(model: torch.nn.Module, x_p: torch.Tensor, y_p: torch.Tensor, x_t: torch.Tensor,
+                         y_t: torch.Tensor, *, steps: int, eps: float, lr: float = 0.1, generator: torch.Generator,
+                         y_true: torch.Tensor | None = None, max_area: int | None = 45,
+                         **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inner attack of adversarial poisoning against hidden-trigger backdoors (App. C.3:
+    patches drawn as for backdoor triggers, perturbations optimised for ``steps`` steps):
+    the targets get the random patch of a deranged class at a random place (the ``patch``
+    attack's draw), and the poisons' δ descends Σ ‖φ(x_p + δ) − φ(t̃)‖² over greedy nearest
+    pairs with the patched targets, re-paired every step (the authors' ``HTBD``)."""
+    _, patched_t = batch_patch(model, x_p, y_p, x_t, y_t, generator=generator, y_true=y_true, max_area=max_area)
+    if x_p.shape[0] == 0 or patched_t.shape[0] == 0:
+        return x_p, patched_t
+    with torch.enable_grad():
+        with torch.no_grad():
+            goal = model.features(patched_t).float()
+        delta = SignedAdam(x_p, eps, lr=lr, init="randn", scale=step_scale(model), generator=generator)
+        for _ in range(steps):
+            loss = paired_loss(model.features(delta.poisoned()), goal)
+            (grad,) = torch.autograd.grad(loss, delta.u)  # the signs of d/dδ (the scale is positive)
+            delta.step(grad)
+    return delta.poisoned().detach().clamp_(0, 1).to(x_p.dtype), patched_t

@@ -23,6 +23,10 @@ authors' ``witchcoven/witch_metapoison.py``; ROBUSTER.md, "Attacks").
    ``budget`` 1 %), labels unchanged; the store carries the target like
    ``gradient_matching``'s and is evaluated by training a fresh victim.
 
+Per-batch form: ``BATCH_ATTACKS["metapoison"]``, the inner attack of adversarial
+poisoning against this attack (App. C.2: the defense unrolls its own surrogate attack at
+the batch level; ``defense_params: {attack: metapoison}``).
+
 Resumable: unit j < ``ensemble`` pre-trains model j to its stage; unit ``ensemble + i``
 is crafting step i. Every unit draws from ``unit_generator(seed, unit)`` (epoch order,
 augmentation) and every (re-)initialisation from the seed, the model and its cycle, so
@@ -51,6 +55,7 @@ from torch.func import functional_call
 
 from poisonbench.attacks import crafting
 from poisonbench.attacks.base import AttackInput, params_dict, register_attack
+from poisonbench.attacks.batch import BATCH_ATTACKS
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
 from poisonbench.data.augment import translate_flip
@@ -113,14 +118,16 @@ class MetaPoisonParams:
 def unroll(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
            params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The parameters after ``steps`` SGD steps of lr ``lr`` on CE(model(inputs), labels),
-    differentiable in ``inputs`` (and the starting ``params``, default the model's own).
-    The model's buffers are read, never written (call it in eval mode)."""
+    differentiable in ``inputs`` (and the starting ``params``, default the model's own);
+    parameters that do not require gradients stay as they are. The model's buffers are
+    read, never written (call it in eval mode)."""
     params = dict(model.named_parameters()) if params is None else dict(params)
     buffers = dict(model.named_buffers())
+    trained = [name for name, p in params.items() if p.requires_grad]  # transfer: the head alone
     for _ in range(steps):
         loss = F.cross_entropy(functional_call(model, (params, buffers), (inputs,)), labels)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        params = {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
+        grads = torch.autograd.grad(loss, [params[name] for name in trained], create_graph=True)
+        params = {**params, **{name: params[name] - lr * g for name, g in zip(trained, grads)}}
     return params
 
 
@@ -300,3 +307,29 @@ def craft(inp: AttackInput, params: MetaPoisonParams) -> PoisonStore:
     )
     checkpoint.remove()
     return store
+
+
+# ------------------------------------------------------------------- per-batch form
+
+
+@BATCH_ATTACKS.register("metapoison")
+def batch_metapoison(model: torch.nn.Module, x_p: torch.Tensor, y_p: torch.Tensor, x_t: torch.Tensor,
+                     y_t: torch.Tensor, *, steps: int, eps: float, lr: float = 0.1, generator: torch.Generator,
+                     **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inner attack of adversarial poisoning against MetaPoison (robuster App. C.2: "our
+    own surrogate attack at the batch level, which we unroll"; the authors' ``MetaPoisoning``):
+    ``steps`` signed-Adam steps on δ from randn·ε, each descending CE(f_θ₂(x_t), y_t) after
+    K = 2 SGD steps (lr 0.1) on CE(f(x_p + δ), y_p) from the current weights. The targets
+    are returned unchanged."""
+    if x_p.shape[0] == 0 or x_t.shape[0] == 0:
+        return x_p, x_t
+    std = getattr(getattr(model, "normalize", None), "std", None)
+    settings = MetaPoisonParams(loss="cross_entropy")
+    with torch.enable_grad():
+        delta = SignedAdam(x_p, eps, lr=lr, init="randn", generator=generator,
+                           scale=std.flatten() if isinstance(std, torch.Tensor) else None)
+        for _ in range(steps):
+            loss = meta_loss(model, delta.poisoned(), y_p, x_t.detach(), y_t, settings)
+            (grad,) = torch.autograd.grad(loss, delta.u)  # the signs of d/dδ (the scale is positive)
+            delta.step(grad)
+    return delta.poisoned().detach().clamp_(0, 1).to(x_p.dtype), x_t
