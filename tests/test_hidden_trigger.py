@@ -155,7 +155,9 @@ def test_hidden_trigger_bites_on_digits_in_transfer(digits, tmp_path):
     trained on the clean set, its head re-initialised and trained 15 epochs on the
     poisoned set; 5 % poisons, ε 16/255, 240 steps, a random 8×8 trigger. Backdoor
     success (patched targets read as the adversarial class) against the same victim
-    trained on the clean set (the clean rate). Prints every trial."""
+    trained on the clean set (the clean rate). Prints every trial. Measured (6 trials,
+    seeds 2000-2005, 745 s on the loaded 2-core box): clean 2.2, 0, 0, 0, 22.2, 10.9 %
+    (mean 5.9); poisoned 28.3, 6.5, 6.5, 0, 46.7, 71.7 % (mean 26.6)."""
     import lightning as L
     from safetensors.torch import save_file
 
