@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 
 import pytest
@@ -142,10 +143,10 @@ def test_metapoison_on_digits(digits):
     train, test = digits
     victim = VictimSpec("small_cnn", {"pool": 1}, CPU_TRAIN)
     attack = ATTACKS.get("metapoison")
-    budget = float(__import__("os").environ.get("METAPOISON_BUDGET", "0.01"))
+    budget = float(os.environ.get("METAPOISON_BUDGET", "0.01"))
     params = attack.params({"ensemble": 4, "stagger": 4, "steps": 30, "budget": budget})
     hits, p_adv = {"clean": 0, "poisoned": 0}, {"clean": [], "poisoned": []}
-    start, trials = time.perf_counter(), 4
+    start, trials = time.perf_counter(), int(os.environ.get("METAPOISON_TRIALS", "4"))
     for k in range(trials):
         target = attack.draw_target(train, test, 1000 + k, params)
         t0 = time.perf_counter()
