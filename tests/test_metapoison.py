@@ -133,7 +133,8 @@ def test_metapoison_on_digits(digits):
     """Trials on digits from scratch with the cpu recipe (small_cnn pool 1, 15 epochs):
     poisons crafted by the cpu profile's MetaPoison (ensemble 4, stagger 4, 30 steps),
     a freshly initialised victim trained on the poisoned and on the clean set; counts
-    the trials whose target reads as the adversarial class. Prints every trial."""
+    the trials whose target reads as the adversarial class. Prints every trial.
+    ``METAPOISON_BUDGET`` (default 0.01) and ``METAPOISON_TRIALS`` (4) change the run."""
     import lightning as L
 
     from poisonbench.fitting.fit import fit_clean
