@@ -224,3 +224,20 @@ def test_the_per_batch_form_patches_the_targets_and_pulls_the_poisons_to_them(on
     images, labels = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     out, out_labels = defense.on_train_batch(model.train(), images, labels)
     assert out.shape == images.shape and out_labels.shape == labels.shape and model.training
+
+
+def test_a_transfer_job_measures_backdoor_success_on_the_patched_targets(digits, tmp_path, one_thread):
+    import json
+
+    from poisonbench.cli import main
+
+    out = tmp_path / "job"
+    assert main(["train", "--dataset", "digits", "--model", "small_cnn", "--attack", "hidden_trigger",
+                 "--scenario", "transfer", "--family", "robuster", "--set", "base_model={}", "model_params.pool=1",
+                 "--fast-dev-run", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert {"backdoor_success", "val_acc"} <= set(result["metrics"]) and "poison_success" not in result["metrics"]
+    assert result["store"]["attack"] == "hidden_trigger" and result["store"]["craft_cost"]["seconds"] > 0
+    assert result["base_model"]["path"]
+    target = result["target"]  # every test image of the target class
+    assert target["target_index"] == torch.nonzero(digits[1].labels == target["target_class"]).flatten().tolist()
