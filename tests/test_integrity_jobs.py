@@ -62,10 +62,10 @@ def test_cells_naming_planned_attacks_are_skipped_and_shown_as_not_implemented()
     spec = load_table("robuster/table1")
     plans = plan([spec], profile=None, trials=1, rows=None, fast_dev_run=True)
     blocked = not_implemented(plans)
-    assert ("robuster/table1", "metapoison_scratch", "undefended") in blocked
+    assert ("robuster/table1", "convex_polytope_transfer_star", "undefended") in blocked
     assert ("robuster/table1", "gradient_matching_scratch", "undefended") not in blocked
     cells = {(c.row, c.column): c for c in aggregate(spec, plans[0].jobs, {})}
-    assert cells[("metapoison_scratch", "defended")].missing == "attack 'metapoison'"
+    assert cells[("convex_polytope_transfer_star", "defended")].missing == "attack 'convex_polytope'"
     assert cells[("gradient_matching_scratch", "defended")].missing is None
 
 

@@ -43,9 +43,14 @@ Costs on each ``--device`` (no target; what a run will take):
     signatures, activation clustering with ICA, deep k-NN) on 50,000 × 512 random
     features, 10 classes, 500 poisons, on the CPU (scikit-learn and NumPy); the feature
     model's training and the feature extraction are not included.
+12. ``integrity_crafting``: seconds per poison per crafting step of ``hidden_trigger``
+   (features, greedy pairs, signed Adam) and of ``metapoison`` (per ensemble model: a
+   K = 2 unroll and the target's loss back to the poisons), against small_cnn and
+   ResNet-18, and MetaPoison's unroll over one plain training step (forward, backward,
+   SGD) on the same batch.
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
-sections 4–11 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+sections 4–12 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
 depend on the device (small on a CPU) and are printed with every figure.
 
@@ -74,7 +79,7 @@ import torch
 from torch import nn
 
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
-            "gradient_matching", "training_defenses", "filters")
+            "gradient_matching", "training_defenses", "filters", "integrity_crafting")
 MiB, GiB = 2**20, 2**30
 
 
@@ -662,6 +667,75 @@ def bench_gradient_matching(devices: Sequence[torch.device], steps: int = GM_STE
                   f"({n} poisons, mean of {steps} steps)")
 
 
+INTEGRITY_POISONS = {"cpu": 50, "cuda": 500}  # poisons per crafting batch (hidden trigger: 5 % of CIFAR is 2,500)
+
+
+def bench_integrity_crafting(devices: Sequence[torch.device], steps: int = GM_STEPS,
+                             models: dict[str, dict] | None = None, poisons: int | None = None) -> dict[str, float]:
+    """Seconds per poison per crafting step of ``hidden_trigger`` and ``metapoison`` (their
+    own ``step_loss`` and ``SignedAdam``; MetaPoison with one ensemble model, so multiply by
+    the ensemble size), and MetaPoison's unroll over a plain training step on the same
+    batch. Returns the figures by label."""
+    import torch.nn.functional as F
+
+    from poisonbench.attacks import hidden_trigger, metapoison
+    from poisonbench.attacks.steps import SignedAdam
+    from poisonbench.models import build_model
+
+    ht, mp = hidden_trigger.HiddenTriggerParams(), metapoison.MetaPoisonParams()
+    out = {}
+    for device in devices:
+        n = poisons or INTEGRITY_POISONS[device.type]
+        for name, kwargs in (models or {"small_cnn": {"pool": 1, "width": 16}, "resnet18": {}}).items():
+            torch.manual_seed(0)
+            model = build_model(name, 10, **kwargs).to(device).eval()
+            g = torch.Generator().manual_seed(0)
+            clean = torch.rand(n, 3, 32, 32, generator=g).to(device)
+            labels = torch.randint(0, 10, (n,), generator=g).to(device)
+            x_t, y_t = torch.rand(1, 3, 32, 32, generator=g).to(device), labels[:1]
+            with torch.no_grad():
+                source = model.features(torch.rand(n, 3, 32, 32, generator=g).to(device))
+            opt = SignedAdam(clean, ht.eps, generator=g)
+
+            def per_step(step) -> float:
+                step()  # warm-up
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                return (time.perf_counter() - start) / steps
+
+            def hidden() -> None:
+                grad, _ = hidden_trigger.step_loss(model, clean, opt.delta, source, ht, g)
+                opt.step(grad)
+                sync(device)
+
+            def unrolled() -> None:
+                grad, _ = metapoison.step_loss([model], clean, opt.delta, labels, x_t, y_t, mp, g)
+                opt.step(grad)
+                sync(device)
+
+            sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+
+            def plain() -> None:
+                model.train()
+                sgd.zero_grad(set_to_none=True)
+                F.cross_entropy(model(clean), labels).backward()
+                sgd.step()
+                model.eval()
+                sync(device)
+
+            t_hidden, t_meta, t_plain = per_step(hidden), per_step(unrolled), per_step(plain)
+            out.update({f"hidden_trigger {name} {device}": t_hidden / n, f"metapoison {name} {device}": t_meta / n,
+                        f"unroll ratio {name} {device}": t_meta / t_plain})
+            print(f"hidden_trigger {name}, {device}: {sig(t_hidden / n)} s per poison per step "
+                  f"({n} poisons, mean of {steps} steps)")
+            print(f"metapoison {name}, {device}: {sig(t_meta / n)} s per poison per step per ensemble model "
+                  f"(K = {mp.unroll} unroll; {n} poisons, mean of {steps} steps)")
+            print(f"metapoison unroll {name}, {device}: {sig(t_meta)} s per unrolled step, {sig(t_plain)} s per "
+                  f"plain training step on the same {n} images: ratio {sig(t_meta / t_plain)}")
+    return out
+
+
 def bench_adversarial_poisoning(devices: Sequence[torch.device], repeats: int,
                                 models: dict[str, dict] | None = None, batch: int | None = None,
                                 params: dict | None = None) -> dict[str, float]:
@@ -815,6 +889,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_training_defenses(devices, args.repeats)
         elif section == "filters":
             bench_filters()
+        elif section == "integrity_crafting":
+            bench_integrity_crafting(devices)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 
