@@ -93,6 +93,16 @@ def test_the_trigger_file_is_resized_into_the_lower_right_corner(digits, tmp_pat
     assert not torch.equal(make_trigger(tuple(train.images.shape[1:]), params2, inp.seed)[0], trigger)
 
 
+def test_a_trigger_file_keys_the_store_by_its_content(digits, tmp_path):
+    path = write_png(tmp_path / "trigger.png", 8, (255, 0, 0))
+    attack, params, inp = hidden(digits, trigger_file=path)
+    first = attack.cache_context(inp, params)
+    write_png(tmp_path / "trigger.png", 8, (0, 255, 0))  # same path, another image
+    assert attack.cache_context(inp, params)["files"] != first["files"]
+    attack, params, inp = hidden(digits)  # the random trigger: nothing to digest
+    assert "files" not in attack.cache_context(inp, params)
+
+
 def test_a_missing_or_unreadable_trigger_file_is_one_sentence(digits, tmp_path):
     train, _ = digits
     _, params, _ = hidden(digits, trigger_file=str(tmp_path / "nope.png"))

@@ -55,6 +55,7 @@ their cache keys.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -269,6 +270,9 @@ class Attack:
         context = {"target": inp.target.key()}
         if self.victim != "none" and inp.victim is not None:
             context["victim"] = inp.victim.key(defense=self.adapts(params) and inp.defense is not None)
+        files = file_digests(params)
+        if files:  # a file a param names (a trigger image) keys by its content, not its path alone
+            context["files"] = files
         return context
 
     def draw_target(self, train: ImageSet, test: ImageSet, seed: int, params: Any) -> Target:
@@ -277,6 +281,18 @@ class Attack:
         if not hasattr(params, "budget"):
             raise ConfigError(f"attack {self.name!r} has no poison budget parameter")
         return draw_target(train, test, seed, float(params.budget), targets=self.targets)
+
+
+def file_digests(params: Any) -> dict[str, str]:
+    """sha256 of every existing file named by a ``*_file`` param of ``params``."""
+    if params is None or not dataclasses.is_dataclass(params):
+        return {}
+    out = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if f.name.endswith("_file") and isinstance(value, str) and Path(value).expanduser().is_file():
+            out[f.name] = hashlib.sha256(Path(value).expanduser().read_bytes()).hexdigest()
+    return out
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
