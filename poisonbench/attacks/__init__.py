@@ -4,5 +4,6 @@ from poisonbench.attacks import (  # noqa: F401  (fill the registry)
     adversarial, alignment, backdoor_patch, deepconfuse, error_minimizing, gradient_matching, none, ntga,
     random_noise, synthetic, tensorclog,
 )
+from poisonbench.attacks import bullseye, convex_polytope, poison_frogs  # noqa: F401  (feature collision)
 
 __all__ = ["ATTACKS", "Attack", "AttackInput", "VictimSpec", "craft_cached", "register_attack"]
