@@ -162,3 +162,56 @@ def test_the_convex_coefficients_are_the_best_point_of_the_simplex():
     assert torch.allclose(convex_polytope.fit_coefficients(poisons, inside) @ poisons, inside, atol=1e-3)
     projected = convex_polytope.project_simplex(torch.tensor([0.5, 2.0, -1.0]))
     assert torch.allclose(projected, torch.tensor([0.0, 1.0, 0.0]))
+
+
+# ----------------------------------------------------------- TRANSFER* settings
+
+
+def test_a_base_model_may_be_trained_on_other_data(digits):
+    from poisonbench.fitting.base_model import base_model_config, training_data
+    from poisonbench.pretrain.auxiliary import auxiliary_dataset
+
+    train, _ = digits
+    assert training_data(base_model_config({}, "t"), train) is train
+    aux = training_data(base_model_config({"dataset": "auxiliary"}, "t"), train, None, auxiliary_dataset("digits"))
+    assert (aux.name, aux.split, len(aux)) == ("digits", "aux", 447)
+    named = training_data(base_model_config({"dataset": "digits:aux"}, "t"), train)
+    assert torch.equal(named.images, aux.images)
+    for bad, why in (("nope", "nope"), ("digits:extra", "split"), ("cifar10:aux", "split")):
+        with pytest.raises(ConfigError, match=why):
+            base_model_config({"dataset": bad}, "t")
+    with pytest.raises(ConfigError, match="auxiliary data of digits needs that data named"):
+        training_data(base_model_config({"dataset": "auxiliary"}, "t"), train)
+
+
+def test_the_train_schema_takes_adam_and_refuses_an_unknown_optimizer():
+    from poisonbench.fitting.victim import VictimModule
+    from poisonbench.schema.job_config import check_train
+
+    assert check_train({"optimizer": "adam"}, "t") == {"optimizer": "adam"}
+    with pytest.raises(ConfigError, match="train.optimizer in t must be one of sgd, adam; got 'adm'"):
+        check_train({"optimizer": "adm"}, "t")
+    net = build_model("small_cnn", 10, width=4, pool=1)
+    module = VictimModule(net, 10, {**CPU_TRAIN, "optimizer": "adam", "lr": 0.1, "weight_decay": 2e-4})
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["weight_decay"] == 2e-4
+
+
+def test_a_transfer_star_job_starts_from_a_base_model_with_another_datasets_classes(tmp_path, fixture_root,
+                                                                                    one_thread):
+    """The base model trained on CIFAR-100 (100 classes), the linear layer re-initialised
+    for digits' ten and trained with Adam (a smoke run on the fixture files)."""
+    from safetensors.torch import load_file
+
+    from poisonbench.bench.profiles import adhoc_config
+    from poisonbench.training.run import prepare_dir, run_job
+
+    config = adhoc_config("cpu", "robuster", [{
+        "dataset": "digits", "scenario": "transfer", "attack": "convex_polytope",
+        "base_model": {"dataset": "cifar100"}, "train": {"optimizer": "adam", "lr": 0.1, "epochs": 1}}])
+    config.update(table="adhoc", row="r", column="c", trial=0, seed=1, poison_seed=2, profile="cpu",
+                  fast_dev_run=True)
+    with prepare_dir(tmp_path / "job", config):
+        result = run_job(config, tmp_path / "job", data_root=fixture_root)
+    assert load_file(result["base_model"]["path"])["head.weight"].shape[0] == 100
+    assert result["store"]["attack"] == "convex_polytope" and result["metrics"]["poison_success"] in (0, 100)
