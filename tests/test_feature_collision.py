@@ -215,3 +215,13 @@ def test_a_transfer_star_job_starts_from_a_base_model_with_another_datasets_clas
         result = run_job(config, tmp_path / "job", data_root=fixture_root)
     assert load_file(result["base_model"]["path"])["head.weight"].shape[0] == 100
     assert result["store"]["attack"] == "convex_polytope" and result["metrics"]["poison_success"] in (0, 100)
+
+
+def test_a_base_model_recipe_is_checked_like_a_train_mapping():
+    from poisonbench.fitting.base_model import base_model_config
+
+    assert base_model_config({"recipe": dict(CPU_TRAIN)}, "t")["recipe"] == CPU_TRAIN
+    for bad, why in (({"epochs": 10, "batch_size": 64}, "needs 'lr'"), ({**CPU_TRAIN, "optimizer": "adm"}, "optimizer"),
+                     ({**CPU_TRAIN, "epoch": 3}, "epoch"), ({**CPU_TRAIN, "lr": -1}, "lr")):
+        with pytest.raises(ConfigError, match=why):
+            base_model_config({"recipe": bad}, "t")

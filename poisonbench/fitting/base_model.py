@@ -49,6 +49,7 @@ from poisonbench.fitting.victim import TrainingHooks
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.models.weights import load_weights
 from poisonbench.params import parse_params, ranged
+from poisonbench.schema.job_config import check_train
 
 FORMAT = 1  # bump when what a cached base model holds changes
 AUXILIARY = "auxiliary"  # ``dataset``: the job dataset's auxiliary data (module docstring)
@@ -65,6 +66,11 @@ class BaseModelParams:
     dataset: str | None = None  # null: the job's clean training set; auxiliary; NAME or NAME:SPLIT
 
     def __post_init__(self) -> None:
+        if self.recipe is not None:  # checked as a job's train mapping, and complete enough to train with
+            check_train(self.recipe, "the base model's recipe")
+            missing = [key for key in ("epochs", "batch_size", "lr") if key not in self.recipe]
+            if missing:
+                raise ValueError(f"the base model's recipe needs {missing[0]!r}")
         if self.dataset is not None and self.dataset != AUXILIARY:
             name, split = dataset_split(self.dataset)
             DATASETS.get(name)  # an unknown name lists the known ones
