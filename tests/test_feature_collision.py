@@ -225,3 +225,14 @@ def test_a_base_model_recipe_is_checked_like_a_train_mapping():
                      ({**CPU_TRAIN, "epoch": 3}, "epoch"), ({**CPU_TRAIN, "lr": -1}, "lr")):
         with pytest.raises(ConfigError, match=why):
             base_model_config({"recipe": bad}, "t")
+
+
+def test_the_speed_section_prints_a_cost_per_poison_per_step_for_each_attack(capsys):
+    from poisonbench.bench import speed
+
+    costs = speed.bench_feature_collision([torch.device("cpu")], steps=1,
+                                          models={"small_cnn": {"pool": 1, "width": 4}}, poisons=4)
+    out = capsys.readouterr().out
+    for name in NAMES:
+        assert costs[f"{name} small_cnn cpu"] > 0
+        assert f"{name} small_cnn, cpu: " in out and "s per poison per step (4 poisons, mean of 1 steps)" in out
