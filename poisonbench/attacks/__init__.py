@@ -5,5 +5,6 @@ from poisonbench.attacks import (  # noqa: F401  (fill the registry)
     random_noise, synthetic, tensorclog,
 )
 from poisonbench.attacks import hidden_trigger, metapoison  # noqa: F401,E402  (robuster's integrity attacks)
+from poisonbench.attacks import bullseye, convex_polytope, poison_frogs  # noqa: F401  (feature collision)
 
 __all__ = ["ATTACKS", "Attack", "AttackInput", "VictimSpec", "craft_cached", "register_attack"]

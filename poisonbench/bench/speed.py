@@ -48,9 +48,12 @@ Costs on each ``--device`` (no target; what a run will take):
    K = 2 unroll and the target's loss back to the poisons), against small_cnn and
    ResNet-18, and MetaPoison's unroll over one plain training step (forward, backward,
    SGD) on the same batch.
+13. ``feature_collision``: seconds per poison per crafting step of ``poison_frogs``,
+   ``bullseye`` and ``convex_polytope`` (their shared step, augmentation on; Convex
+   Polytope refits its coefficients every step) against small_cnn and ResNet-18.
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
-sections 4–12 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+sections 4–13 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
 depend on the device (small on a CPU) and are printed with every figure.
 
@@ -79,7 +82,8 @@ import torch
 from torch import nn
 
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
-            "gradient_matching", "training_defenses", "filters", "integrity_crafting")
+            "gradient_matching", "training_defenses", "filters", "integrity_crafting",
+            "feature_collision")
 MiB, GiB = 2**20, 2**30
 
 
@@ -736,6 +740,49 @@ def bench_integrity_crafting(devices: Sequence[torch.device], steps: int = GM_ST
     return out
 
 
+FC_POISONS = {"cpu": 50, "cuda": 500}  # robuster's 1 % of CIFAR-10 is 500 poisons
+FC_STEPS = 3
+
+
+def bench_feature_collision(devices: Sequence[torch.device], steps: int = FC_STEPS,
+                            models: dict[str, dict] | None = None, poisons: int | None = None) -> dict[str, float]:
+    """Seconds per poison per crafting step of each feature-collision attack (the shared
+    ``feature_collision.step_gradient`` and ``SignedAdam``), after one warm-up step."""
+    from poisonbench.attacks import bullseye, convex_polytope, poison_frogs
+    from poisonbench.attacks.feature_collision import FeatureCollisionParams, features, step_gradient
+    from poisonbench.attacks.steps import SignedAdam
+    from poisonbench.models import build_model
+
+    params, costs = FeatureCollisionParams(), {}
+    objectives = {"poison_frogs": poison_frogs.objective, "bullseye": bullseye.objective,
+                  "convex_polytope": convex_polytope.objective}
+    for device in devices:
+        n = poisons or FC_POISONS[device.type]
+        for name, kwargs in (models or {"small_cnn": {"pool": 1, "width": 16}, "resnet18": {}}).items():
+            torch.manual_seed(0)
+            model = build_model(name, 10, **kwargs).to(device).eval().requires_grad_(False)
+            g = torch.Generator(device=device).manual_seed(0)
+            clean = torch.rand(n, 3, 32, 32, generator=g, device=device)
+            goal = features(model, torch.rand(1, 3, 32, 32, generator=g, device=device))
+            for attack, objective in objectives.items():
+                opt = SignedAdam(clean, params.eps, generator=g)
+
+                def one_step() -> None:
+                    grad, _ = step_gradient(model, clean, opt.delta, goal, objective, params, g)
+                    opt.step(grad)
+                    sync(device)
+
+                one_step()  # warm-up
+                start = time.perf_counter()
+                for _ in range(steps):
+                    one_step()
+                per_poison = (time.perf_counter() - start) / steps / n
+                costs[f"{attack} {name} {device}"] = per_poison
+                print(f"{attack} {name}, {device}: {sig(per_poison)} s per poison per step "
+                      f"({n} poisons, mean of {steps} steps)")
+    return costs
+
+
 def bench_adversarial_poisoning(devices: Sequence[torch.device], repeats: int,
                                 models: dict[str, dict] | None = None, batch: int | None = None,
                                 params: dict | None = None) -> dict[str, float]:
@@ -891,6 +938,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_filters()
         elif section == "integrity_crafting":
             bench_integrity_crafting(devices)
+        elif section == "feature_collision":
+            bench_feature_collision(devices)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 

@@ -12,6 +12,15 @@ A job names it under ``base_model`` in its config:
       defense_params: {}  #   inside training, else none; a name: that one (§5.4: defend only the base)
       file: null          # a local weights file instead (safetensors or a state dict)
       finetune_lr: 0.001  # fine-tuning multiplies the job's lr by this (App. C: "lr drops by 0.001×")
+      dataset: null       # the data it is trained on: null = the job's clean training set;
+                          # auxiliary = the job dataset's auxiliary data (CIFAR-10 <-> CIFAR-100,
+                          # digits' aux split: poisonbench.pretrain.auxiliary); NAME or NAME:SPLIT
+
+A base model trained on another dataset keeps that dataset's classes; the fine-tune and
+transfer scenarios re-initialise the linear layer for the job's classes anyway. That is
+the TRANSFER* scenario of Schwarzschild et al. (2021), which the robuster paper's Convex
+Polytope row uses: the feature extractor trained on CIFAR-100 (``dataset: auxiliary``),
+the linear layer trained on CIFAR-10 by the job's own recipe.
 
 A trained base model is an artifact (``poisonbench.artifacts``) under
 ``<home>/base_models/``, keyed by the clean training set's fingerprint, the model and
@@ -30,6 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
+from poisonbench.data import DATASETS, load_imageset
+from poisonbench.data.datasets import check_split
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
 from poisonbench.fitting.fit import fit_clean
@@ -38,11 +49,13 @@ from poisonbench.fitting.victim import TrainingHooks
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.models.weights import load_weights
 from poisonbench.params import parse_params, ranged
+from poisonbench.schema.job_config import check_train
 
 FORMAT = 1  # bump when what a cached base model holds changes
 # ``defense: job``: the base model trains with the job's defense (ROBUSTER.md, "Scenarios":
 # "With a defense on, the base model is trained with it"); the job resolves it.
 JOB_DEFENSE = "job"
+AUXILIARY = "auxiliary"  # ``dataset``: the job dataset's auxiliary data (module docstring)
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,41 @@ class BaseModelParams:
     defense_params: dict = field(default_factory=dict)  # with defense: job, the job's
     file: str | None = None  # a local weights file instead
     finetune_lr: float = ranged(0.001, 0, 1, low_open=True)  # App. C: "lr drops by 0.001×"
+    dataset: str | None = None  # null: the job's clean training set; auxiliary; NAME or NAME:SPLIT
+
+    def __post_init__(self) -> None:
+        if self.recipe is not None:  # checked as a job's train mapping, and complete enough to train with
+            check_train(self.recipe, "the base model's recipe")
+            missing = [key for key in ("epochs", "batch_size", "lr") if key not in self.recipe]
+            if missing:
+                raise ValueError(f"the base model's recipe needs {missing[0]!r}")
+        if self.dataset is not None and self.dataset != AUXILIARY:
+            name, split = dataset_split(self.dataset)
+            DATASETS.get(name)  # an unknown name lists the known ones
+            check_split(split, name)
+
+
+def dataset_split(value: str) -> tuple[str, str]:
+    """``NAME`` or ``NAME:SPLIT`` as (name, split); the split defaults to train."""
+    name, _, split = value.partition(":")
+    return name, split or "train"
+
+
+def training_data(config: Mapping, train: ImageSet, data_root: str | Path | None = None,
+                  auxiliary: tuple[str, str] | None = None) -> ImageSet:
+    """The clean set the base model named by ``config`` is trained on: the job's ``train``
+    (dataset null), a named dataset's split, or the job dataset's auxiliary data
+    (``auxiliary``: the (name, split) the caller looked up in ``pretrain.auxiliary``)."""
+    value = config.get("dataset")
+    if value is None:
+        return train
+    if value == AUXILIARY:
+        if auxiliary is None:
+            raise ConfigError(f"a base model on the auxiliary data of {train.name} needs that data named")
+        name, split = auxiliary
+    else:
+        name, split = dataset_split(value)
+    return load_imageset(name, data_root, split)
 
 
 def base_model_config(value: Any, where: str, job_defense: tuple[str, Mapping] | None = None) -> dict[str, Any]:
@@ -82,22 +130,29 @@ def base_model(build: Callable[[], ImageClassifier], train: ImageSet, model: str
                progress: bool = False) -> tuple[ImageClassifier, float, Path | None]:
     """The base model named by ``config`` (``base_model_config``): its weights loaded into
     a network from ``build``. Returns it, the seconds spent training it (0 when cached
-    or a file), and where its weights live."""
+    or a file), and where its weights live.
+
+    ``train``: the clean set it is trained on (``training_data``); a network from
+    ``build`` with another number of classes gets a head for that set's classes."""
     if config["file"] is not None:
         return load_weights(build(), config["file"]), 0.0, Path(config["file"])
+
+    def network() -> ImageClassifier:
+        net = build()
+        return net if net.num_classes == train.num_classes else net.reset_head(train.num_classes)
 
     def make(_path: Path) -> ImageClassifier:
         if not progress:
             quiet_lightning()
         with torch.random.fork_rng(devices=[]):
             L.seed_everything(int(config["seed"]), verbose=False)
-            net = build()
+            net = network()
             fit_clean(net, train, dict(recipe), seed=int(config["seed"]), hooks=hooks, progress=progress,
                       fast_dev_run=bool(recipe.get("fast_dev_run")))
         return net
 
     def load(path: Path) -> ImageClassifier:
-        net = build()
+        net = network()
         try:
             net.load_state_dict(load_file(str(path)))
         except RuntimeError as err:

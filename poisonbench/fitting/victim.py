@@ -33,8 +33,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from poisonbench.data.augment import random_crop_flip, to_float
 from poisonbench.errors import ConfigError
+from poisonbench.schema.job_config import OPTIMIZERS
 
-OPTIMIZERS = ("sgd",)
 TRAINED_SCENARIOS = ("scratch", "finetune", "transfer")
 
 
@@ -145,10 +145,13 @@ class VictimModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(
-            params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-            nesterov=bool(cfg.get("nesterov", False)), weight_decay=cfg.get("weight_decay", 0.0),
-        )
+        if cfg.get("optimizer", "sgd") == "adam":  # momentum and nesterov do not apply
+            optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+        else:
+            optimizer = torch.optim.SGD(
+                params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
+                nesterov=bool(cfg.get("nesterov", False)), weight_decay=cfg.get("weight_decay", 0.0),
+            )
         schedule = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(cfg.get("milestones", [])), gamma=cfg.get("gamma", 0.1),
         )

@@ -80,6 +80,9 @@ TRAIN_RANGES: dict[str, Range] = {
     "weight_decay": NON_NEGATIVE, "milestones": NON_NEGATIVE, "gamma": POSITIVE, "devices": AT_LEAST_1,
     "eval_every": AT_LEAST_1,
 }
+# The optimisers a job trains with: SGD (every recipe of the papers) and Adam (the
+# TRANSFER* scenario: the linear layer 10 epochs with Adam, Schwarzschild et al. 2021).
+OPTIMIZERS = ("sgd", "adam")
 PARAMS_OF = {"model": "model_params", "attack": "attack_params", "defense": "defense_params",
              "task": "task_params"}
 
@@ -112,6 +115,9 @@ def check_train(mapping: Any, owner: str) -> dict[str, Any]:
         for item in value if key == "milestones" else [value]:  # devices: [0, 1] are GPU ids
             if bounds is not None and isinstance(item, (int, float)) and not isinstance(item, bool):
                 check_number(item, float, bounds, f"train.{key} in {owner}")
+    if "optimizer" in checked and checked["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer in {owner} must be one of {', '.join(OPTIMIZERS)}; "
+                          f"got {checked['optimizer']!r}")
     return checked
 
 def merge_layer(config: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:

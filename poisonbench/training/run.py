@@ -44,7 +44,8 @@ from poisonbench.defenses import Defense, build_defense
 from poisonbench.errors import JobError
 from poisonbench.files import write_json, write_text
 from poisonbench.models import build_model
-from poisonbench.fitting.base_model import JOB_DEFENSE, base_model, base_model_config
+from poisonbench.pretrain.auxiliary import auxiliary_dataset
+from poisonbench.fitting.base_model import AUXILIARY, JOB_DEFENSE, base_model, base_model_config, training_data
 from poisonbench.fitting.fit import fit
 from poisonbench.fitting.linear_eval import linear_eval
 from poisonbench.fitting.targets import target_metrics, validation_set
@@ -199,7 +200,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
             attack_params = {**attack_params, **attack.smoke}
         data = base
         if attack.integrity and config.get("base_model") is not None:  # the attacker knows the base model
-            base_victim, train_cfg, base_info = _from_base_model(config, base, train_cfg, progress_bar)
+            base_victim, train_cfg, base_info = _from_base_model(config, base, train_cfg, progress_bar, data_root)
         if attack.integrity:  # the trial's target, from its seed alone (paired across columns)
             target = attack.draw_target(base, test, int(config["poison_seed"]), attack.params(attack_params))
             victim = VictimSpec(config["model"], dict(config.get("model_params") or {}), train_cfg, scenario,
@@ -236,7 +237,7 @@ def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
     if base_victim is not None:  # finetune and transfer start from the base model
         model = base_victim
     elif config.get("base_model") is not None:
-        model, train_cfg, base_info = _from_base_model(config, base, train_cfg, progress_bar)
+        model, train_cfg, base_info = _from_base_model(config, base, train_cfg, progress_bar, data_root)
 
     if scenario == "linear_eval":
         outcome, write = _linear_eval(model, datamodule, config, device, fast), True
@@ -366,7 +367,8 @@ def _victim_base_model(config: dict) -> dict | None:
     return {**written, "defense": settings["defense"], "defense_params": settings["defense_params"]}
 
 
-def _from_base_model(config: dict, base: ImageSet, train_cfg: dict, progress: bool) -> tuple:
+def _from_base_model(config: dict, base: ImageSet, train_cfg: dict, progress: bool,
+                     data_root: str | Path | None = None) -> tuple:
     """The victim as its base model (``poisonbench.fitting.base_model``), the recipe it is
     trained on with (fine-tuning: the lr × ``finetune_lr``), and what result.json records."""
     settings = base_model_settings(config)
@@ -375,7 +377,9 @@ def _from_base_model(config: dict, base: ImageSet, train_cfg: dict, progress: bo
     recipe = dict(settings["recipe"] or train_cfg)
     if config.get("fast_dev_run"):  # a smoke base model, cached apart from the real one
         recipe["fast_dev_run"] = True
-    model, seconds, path = base_model(lambda: build_model(config["model"], base.num_classes, **params), base,
+    auxiliary = auxiliary_dataset(config["dataset"]) if settings["dataset"] == AUXILIARY else None
+    data = training_data(settings, base, data_root, auxiliary)
+    model, seconds, path = base_model(lambda: build_model(config["model"], base.num_classes, **params), data,
                                       config["model"], params, recipe, settings,
                                       hooks=hooks, progress=progress)
     if config.get("scenario") == "finetune":
