@@ -58,7 +58,13 @@ def test_binomial_errors_from_result_files():
     assert dict((m, (mean, n)) for m, mean, _, n, _ in gm.extra) == {"val_acc": (90.0, 20)}
 
 
-def test_cells_naming_planned_attacks_are_skipped_and_shown_as_not_implemented():
+def test_cells_naming_planned_attacks_are_skipped_and_shown_as_not_implemented(monkeypatch):
+    # Every attack of the papers is registered now: plan one as if it were still to come.
+    from poisonbench.bench import aggregate as aggregate_module, catalogue, runner as runner_module
+
+    planned = catalogue.Catalogue(papers={}, tables=(), planned={"attacks": frozenset({"convex_polytope"})})
+    for module in (runner_module, aggregate_module):
+        monkeypatch.setattr(module, "planned_catalogue", lambda: planned)
     spec = load_table("robuster/table1")
     plans = plan([spec], profile=None, trials=1, rows=None, fast_dev_run=True)
     blocked = not_implemented(plans)
