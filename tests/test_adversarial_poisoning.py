@@ -56,7 +56,7 @@ def test_defaults_are_the_papers_and_bad_values_are_refused():
 
 
 # ------------------------------------------------------------------ the returned batch
-@pytest.mark.parametrize("attack", ["gradient_matching", "se", "patch"])
+@pytest.mark.parametrize("attack", ["gradient_matching", "se", "patch", "feature_collision"])
 def test_batch_split_labels_budget_and_untouched_model(digits, attack):
     images, labels = _batch(digits)
     model = _model()
@@ -105,6 +105,23 @@ def test_gradient_matching_lowers_the_matching_loss(digits):
         return float(matching_loss(parameter_gradient(model, x, y_p), target, "cosine"))
 
     assert loss(out[:k]) < loss(images[poisons]) - 0.01
+
+
+def test_feature_collision_pulls_the_poisons_mean_feature_to_the_targets(digits):
+    images, labels = _batch(digits, 64)
+    model = _model()
+    defense = build_defense("adversarial_poisoning", {"steps": 5, "attack": "feature_collision"})
+    out, _ = defense.on_train_batch(model, images, labels)
+    poisons, targets = _positions(defense, labels)
+    k = len(poisons)
+    model.eval()
+    with torch.no_grad():
+        goal = model.features(images[targets]).mean(dim=0)
+
+        def distance(x):
+            return float((model.features(x).mean(dim=0) - goal).pow(2).mean())
+
+        assert distance(out[:k]) < 0.9 * distance(images[poisons])
 
 
 def test_malicious_label_is_the_mode_with_the_smallest_label_on_ties():

@@ -31,6 +31,9 @@ All randomness comes from ``generator``. An attack ignores the keywords it does 
   the authors' code divides the 0/1 pattern by the normalisation std without adding
   the mean, so its patches sit at about {0.49, 1.49} in pixels, outside the image range.
 
+Registered beside their attacks: ``feature_collision`` (attacks/feature_collision.py),
+``hidden_trigger`` and ``metapoison`` (their attack files).
+
 Units: the step is taken in the model's normalised units when the model has a
 ``normalize.std`` (the authors' code optimises normalised tensors, so lr 0.1 moves
 about 0.1·std ≈ 6/255 pixels per step); ε is always in pixels.
@@ -65,7 +68,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _step_scale(model: nn.Module) -> torch.Tensor | None:
+def step_scale(model: nn.Module) -> torch.Tensor | None:
+    """The model's normalisation std (signed Adam's lr in its normalised units), or None."""
     normalize = getattr(model, "normalize", None)
     std = getattr(normalize, "std", None)
     return std.flatten() if isinstance(std, torch.Tensor) else None
@@ -77,7 +81,7 @@ def _matching(kind: str, model: nn.Module, x_p: torch.Tensor, y_p: torch.Tensor,
     with torch.enable_grad():
         target = tuple(g.detach() for g in parameter_gradient(model, x_t.detach(), y_t))
         target_norm = gradient_norm(target)
-        delta = SignedAdam(x_p, eps, lr=lr, init="randn", scale=_step_scale(model), generator=generator)
+        delta = SignedAdam(x_p, eps, lr=lr, init="randn", scale=step_scale(model), generator=generator)
         for _ in range(steps):
             poison = parameter_gradient(model, delta.poisoned(), y_p, create_graph=True)
             loss = matching_loss(poison, target, kind, target_norm)
@@ -109,7 +113,7 @@ def evasion(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ste
     """Adversarial examples by signed Adam ascending the cross-entropy, from randn·ε (the
     authors' ``adversarial-evasion`` attack and their adversarial-training preset)."""
     with torch.enable_grad():
-        delta = SignedAdam(images, eps, lr=lr, init=init, scale=_step_scale(model), generator=generator)
+        delta = SignedAdam(images, eps, lr=lr, init=init, scale=step_scale(model), generator=generator)
         for _ in range(steps):
             loss = F.cross_entropy(model(delta.poisoned()), labels)
             (grad,) = torch.autograd.grad(loss, delta.u)

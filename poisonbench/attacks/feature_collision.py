@@ -37,6 +37,7 @@ import torch
 
 from poisonbench.attacks import crafting
 from poisonbench.attacks.base import AttackInput, params_dict
+from poisonbench.attacks.batch import BATCH_ATTACKS, step_scale
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
 from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
@@ -238,3 +239,28 @@ def craft_features(inp: AttackInput, params: FeatureCollisionParams, name: str, 
     )
     checkpoint.remove()
     return store
+
+
+# ------------------------------------------------------------------- per-batch form
+
+
+@BATCH_ATTACKS.register("feature_collision")
+def batch_feature_collision(model: ImageClassifier, x_p: torch.Tensor, y_p: torch.Tensor, x_t: torch.Tensor,
+                            y_t: torch.Tensor, *, steps: int, eps: float, lr: float = 0.1,
+                            generator: torch.Generator, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inner attack of adversarial poisoning against the feature-collision rows (robuster
+    App. C.3: "we replicate the original objective of the attack in the mini-batch setting";
+    the authors' ``adversarial-fc``, used for Poison Frogs, Bullseye and Convex Polytope
+    alike): ``steps`` signed-Adam steps from randn·ε on the mean squared distance between
+    the poisons' mean feature and the targets' mean feature. Targets returned unchanged."""
+    if x_p.shape[0] == 0 or x_t.shape[0] == 0:
+        return x_p, x_t
+    with torch.enable_grad():
+        with torch.no_grad():
+            goal = model.features(x_t).float().mean(dim=0)
+        delta = SignedAdam(x_p, eps, lr=lr, init="randn", scale=step_scale(model), generator=generator)
+        for _ in range(steps):
+            loss = (model.features(delta.poisoned()).float().mean(dim=0) - goal).pow(2).mean()
+            (grad,) = torch.autograd.grad(loss, delta.u)  # the signs of d/dδ (the scale is positive)
+            delta.step(grad)
+    return delta.poisoned().detach().clamp_(0, 1).to(x_p.dtype), x_t

@@ -60,7 +60,7 @@ from safetensors.torch import load_file
 
 from poisonbench.attacks import crafting
 from poisonbench.attacks.base import AttackInput, params_dict, register_attack
-from poisonbench.attacks.batch import BATCH_ATTACKS
+from poisonbench.attacks.batch import BATCH_ATTACKS, step_scale
 from poisonbench.attacks.batch import patch as batch_patch
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
@@ -329,12 +329,6 @@ def craft(inp: AttackInput, params: HiddenTriggerParams) -> PoisonStore:
 
 
 # ------------------------------------------------------------------- per-batch form
-
-
-def step_scale(model: torch.nn.Module) -> torch.Tensor | None:
-    """The model's normalisation std: signed Adam's lr in its normalised units (the authors')."""
-    std = getattr(getattr(model, "normalize", None), "std", None)
-    return std.flatten() if isinstance(std, torch.Tensor) else None
 
 
 @BATCH_ATTACKS.register("hidden_trigger")
