@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from poisonbench.bench import runner, workers
+from poisonbench.bench.catalogue import configs_dir
 from poisonbench.bench.jobs import runs_root
 from poisonbench.bench.workers import CraftTask, worker_devices, worker_main
 from poisonbench.errors import UnknownNameError
@@ -24,10 +26,29 @@ from poisonbench.schema.job_dir import make_job_dir
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli_in(home: Path, *argv: str, **popen) -> subprocess.Popen:
+# Seconds per job, with real (if short) training: a fast-dev-run job's accuracy on 8
+# images does not tell one thread count from another, two epochs over digits does.
+PROFILE = """\
+name: tiny
+description: a few seconds per job
+families:
+  demo:
+    train: {epochs: 2, batch_size: 64, lr: 0.05, milestones: [1]}
+    override: {dataset: digits, model: small_cnn, model_params: {pool: 1, width: 8}}
+    attack_override:
+      error_minimizing: {model: small_cnn, model_params: {pool: 1, width: 4}, steps: 2, train_steps: 2,
+                         max_rounds: 2, batch_size: 64}
+      adversarial: {model: small_cnn, model_params: {pool: 1, width: 4}, steps: 2, restarts: 1,
+                    surrogate_epochs: 1}
+"""
+
+
+def run_cli_in(home: Path, *argv: str, configs: Path | None = None, **popen) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(POISONBENCH_HOME=str(home), POISONBENCH_LEADERBOARDS=str(home / "leaderboards"),
                PYTHONPATH=str(REPO))
+    if configs is not None:
+        env["POISONBENCH_CONFIGS"] = str(configs)
     return subprocess.Popen([sys.executable, "-m", "poisonbench", "run", *argv], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
@@ -39,12 +60,16 @@ def results(home: Path) -> dict[str, dict]:
 def test_two_jobs_per_device_give_the_results_of_one(tmp_path):
     """Every row of demo/digits (four poison stores, crafted by the jobs themselves with
     K = 1 and by the workers beforehand with K = 2), two trials each: bit-identical
-    metrics and curves, whatever thread count the machine would give by default."""
-    argv = ("--table", "demo/digits", "--fast-dev-run", "--trials", "2")
+    metrics and curves, whatever thread count the machine would give by default (with
+    the intra-op threads following K, as cores // K, the accuracies differ)."""
+    configs = tmp_path / "configs"
+    shutil.copytree(configs_dir(), configs)
+    (configs / "profiles" / "tiny.yaml").write_text(PROFILE)
+    argv = ("--table", "demo/digits", "--profile", "tiny", "--trials", "2")
     found = {}
     for k in (1, 2):
         home = tmp_path / f"k{k}"
-        done = run_cli_in(home, *argv, "--jobs-per-device", str(k))
+        done = run_cli_in(home, *argv, "--jobs-per-device", str(k), configs=configs)
         out, _ = done.communicate(timeout=900)
         assert done.returncode == 0, out[-3000:]
         found[k] = results(home)
