@@ -205,12 +205,18 @@ def test_precraft_crafts_each_store_once_on_each_gpu_once(monkeypatch):
     assert calls == [("synthetic", ["cuda:0"]), ("error_minimizing", ["cuda:0", "cuda:1"])]
 
 
-def test_integrity_stores_are_left_to_their_jobs():
+def test_integrity_stores_are_left_to_their_jobs(monkeypatch):
     """Their store depends on the trial's target, which only the job draws: pre-crafting
     it from the plain training set failed ("needs a trial's target")."""
+    import poisonbench.attacks as attacks
+
+    calls = []
+    monkeypatch.setattr(attacks, "craft_cached", lambda *a, **kw: calls.append(a))
     jobs = runner.plan(runner.resolve_tables(None, "demo/digits-integrity"), profile=None, trials=1,
                        rows=["backdoor_patch"], fast_dev_run=True)[0].jobs
     assert [runner.craft_task(j.config) for j in jobs] == [None, None]
+    runner.precraft(jobs, None, runner.Console(quiet=True), ["0"])
+    assert calls == []
     task = runner.craft_task(fast_jobs(["error_minimizing"])[0].config)
     assert isinstance(task, CraftTask) and task.attack == "error_minimizing"
 
