@@ -6,7 +6,7 @@ PB     := $(VENV)/bin/poisonbench
 PIP    := PIP_FIND_LINKS= $(VENV)/bin/pip
 SMOKE  := .smoke
 
-.PHONY: install test demo smoke pretrain-digits leaderboards bench clean \
+.PHONY: install test demo demo-full smoke pretrain-digits leaderboards bench clean \
         table1 table2 table3 table4 table5 table6 table7 fig2 fig5 fig6 fig7 \
         robuster-table1 robuster-table2 robuster-table3 robuster-fig3 robuster-sec5_4 \
         demo-digits-integrity demo-digits-integrity-defenses
@@ -21,8 +21,20 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# Worker processes for the demo targets (`poisonbench run --jobs-per-device`): auto is one
+# per core on a CPU. Results do not depend on it: every CPU job runs with one thread.
+JOBS ?= auto
+
+# A newcomer's first contact, each paper's headline finding on the embedded digits in a
+# few minutes on two cores: availability poisons (demo/digits) and a backdoor undone by
+# adversarial poisoning (the backdoor row of demo/digits-integrity, 8 of its 20 trials).
 demo: install
-	$(PB) run --suite demo
+	$(PB) run --table demo/digits --jobs-per-device $(JOBS)
+	$(PB) run --table demo/digits-integrity --rows backdoor_patch --trials 8 --jobs-per-device $(JOBS)
+
+# Every digits table of the demo suite (separability probes, defenses) in full.
+demo-full: install
+	$(PB) run --suite demo --jobs-per-device $(JOBS)
 
 # The cpu profile's feature extractor (demo/digits-defenses): SimCLR on the digits
 # `aux` split, which is disjoint from the training split. Skipped when it exists; the

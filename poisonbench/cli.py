@@ -114,6 +114,16 @@ def gpus_arg(text: str) -> list[str]:
     return ids
 
 
+def jobs_per_device_arg(text: str) -> int | str:
+    """``--jobs-per-device K``: a positive integer, or ``auto``."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--jobs-per-device expects a positive integer or auto; got {text!r}") from None
+
+
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """Raise ``ConfigError`` unless ``path`` is a folder poisonbench can write in or create:
     checked before any work, so that a long craft or training is not lost at its end."""
@@ -184,6 +194,8 @@ def cmd_run(args) -> None:
         raise ConfigError("--slurm sets submitit parameters and needs --executor slurm")
     if args.gpus and args.executor != "local":
         raise ConfigError("--gpus places jobs on this machine's GPUs and needs --executor local")
+    if args.jobs_per_device != 1 and args.executor != "local":
+        raise ConfigError("--jobs-per-device starts worker processes on this machine and needs --executor local")
     slurm = parse_sets(args.slurm, "--slurm") if args.executor == "slurm" else None
     specs = runner.resolve_tables(args.suite, args.table)
     plans = runner.plan(specs, profile=args.profile, trials=args.trials, rows=args.rows,
@@ -203,7 +215,7 @@ def cmd_run(args) -> None:
         check_writable(runner.leaderboards_dir(), "the leaderboards folder")
     runner.run(plans, rerun=args.rerun, executor=args.executor, data_root=args.data_root,
                wandb=no_wandb_in_smoke_run(args), gpus=args.gpus, slurm=slurm,
-               render=not args.fast_dev_run, console=out)
+               jobs_per_device=args.jobs_per_device, render=not args.fast_dev_run, console=out)
 
 
 def cmd_craft(args) -> None:
@@ -476,7 +488,11 @@ def build_parser() -> Parser:
     sp.add_argument("--rerun", action="store_true", help="run done jobs again")
     sp.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
     sp.add_argument("--executor", default="local", choices=["local", "slurm"], help="where jobs run (default local)")
-    sp.add_argument("--gpus", type=gpus_arg, help="comma-separated GPU ids: one job per GPU in parallel (local executor)")
+    sp.add_argument("--gpus", type=gpus_arg, help="comma-separated GPU ids: jobs run on them in parallel (local executor)")
+    sp.add_argument("--jobs-per-device", type=jobs_per_device_arg, default=1, metavar="K",
+                    help="worker processes per GPU of --gpus, or on the CPU without it, each running jobs in turn; "
+                         "auto: one per core on a CPU (at most 8), one per GPU. Results do not depend on K "
+                         "(CPU jobs run with 1 thread each). Default 1 (without --gpus: in this process)")
     sp.add_argument("--slurm", nargs="+", metavar="KEY=VALUE", help="submitit parameters, e.g. slurm_partition=gpu timeout_min=600 gpus_per_node=1")
     sp.set_defaults(func=cmd_run)
 

@@ -119,7 +119,7 @@ def test_a_claim_is_exclusive_and_dies_with_its_process(tmp_path, capsys):
 
 PROBE = textwrap.dedent("""
     # A poisonbench that records every start of a job in runs.txt of its directory (a
-    # name poisonbench never clears), also in the children of --gpus.
+    # name poisonbench never clears), also in the workers of --gpus.
     import os, sys, time
     from pathlib import Path
 
@@ -136,9 +136,10 @@ PROBE = textwrap.dedent("""
 
     job.run_job = counted
     executors.job_command = lambda job_dir, data_root, wandb: [sys.executable, __file__, "job", str(job_dir)]
-    from poisonbench.cli import main
+    if __name__ == "__main__":  # the workers of --gpus import this file too (spawn), for run_job
+        from poisonbench.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+        sys.exit(main(sys.argv[1:]))
 """)
 
 

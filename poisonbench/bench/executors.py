@@ -3,13 +3,15 @@
 - ``local``: in this process, in order; a job that trains on several processes
   (``devices > 1``) runs as ``poisonbench job DIR`` in a child, because Lightning's DDP
   launcher re-executes the command line that started it.
-- ``local`` with ``gpus``: one ``poisonbench job DIR`` per listed GPU at a time.
+- ``local`` with ``gpus`` or ``jobs_per_device`` > 1: K long-lived worker processes per
+  listed GPU (or on the CPU), each running many jobs in turn (``bench.workers``).
 - ``slurm``: submitit job arrays, one array task per job directory; a requeued task
   resumes its job from the job's checkpoint.
 
 Every executor runs a job by its directory alone, so any other launcher can too. A job
 runs only under its claim (``jobs.claim``, an flock that dies with its process): the
-local executor claims each job before it starts it (a child inherits the claim), puts
+local executor claims each job before it starts it (a child inherits the claim; a
+worker claims the jobs it runs), puts
 off a job another process holds and waits for it after the others, and asks
 ``pending`` once it holds the claim whether the job is still to be run, so that two
 runs of one table, or N workers, run each job once.
@@ -19,12 +21,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from queue import Empty, Queue
 from typing import Callable
 
+from poisonbench.bench.jobs import runs_root
+from poisonbench.bench.workers import (CraftTask, job_threads, run_pool, torch_threads, usable_cores,
+                                       worker_devices)
 from poisonbench.schema.job_dir import LOCK_FD_ENV, Claim, JobBusyError, claim
 from poisonbench.errors import ConfigError, JobError
 from poisonbench.registry import Registry
@@ -89,76 +92,61 @@ def needs_child(config: dict) -> bool:
 
 @EXECUTORS.register("local")
 def run_local(job_dirs: list[Path], *, data_root: str | None = None, wandb: bool = False,
-              gpus: list[str] | None = None, pending: Callable[[Path], bool] = lambda d: True,
+              gpus: list[str] | None = None, jobs_per_device: int = 1, crafts: dict[Path, CraftTask] | None = None,
+              pending: Callable[[Path], bool] = lambda d: True,
               on_done: OnDone = lambda d: None, on_skip: OnDone = lambda d: None,
-              on_busy: OnDone = lambda d: None, **_: object) -> None:
-    """Run the jobs here, in order, or with ``gpus`` one child per GPU at a time.
+              on_busy: OnDone = lambda d: None, on_note: Callable[[str], None] = lambda s: None,
+              **_: object) -> None:
+    """Run the jobs here: in this process, in order, or on ``jobs_per_device`` worker
+    processes per GPU of ``gpus`` (on the CPU without ``gpus``), each running many jobs
+    in turn (``bench.workers``).
 
+    ``crafts``: the poison store each job reads, crafted once by one worker before the
+    jobs that need it (the in-process path crafts in the first job that needs it).
     ``on_busy``: a job another process holds (it is waited for after the others);
     ``on_skip``: a job that ``pending`` no longer wants once claimed.
     """
-    from poisonbench.training.run import load_config, prepare_dir, run_job
-
-    lock = threading.Lock()  # callbacks (progress lines) from one worker at a time
-
-    def run_one(job_dir: Path, held: Claim, gpu: str | None) -> None:
-        if not pending(job_dir):
-            with lock:
-                on_skip(job_dir)
-            return
-        config = load_config(job_dir)
-        if gpu is not None:
-            run_child(job_dir, data_root, wandb, env={"CUDA_VISIBLE_DEVICES": gpu}, claimed=held)
-        elif needs_child(config):
-            run_child(job_dir, data_root, wandb, claimed=held)
-        else:
-            prepare_dir(job_dir, config, claimed=held)
-            run_job(config, job_dir, data_root=data_root, wandb=wandb)
-        with lock:
-            on_done(job_dir)
-
-    first: Queue = Queue()
-    later: Queue = Queue()
-    for job_dir in job_dirs:
-        first.put(job_dir)
-    errors: list[BaseException] = []
-
-    def work(gpu: str | None) -> None:
-        while not errors:
-            try:
-                job_dir, wait = first.get_nowait(), False
-            except Empty:
-                try:
-                    job_dir, wait = later.get_nowait(), True
-                except Empty:
-                    return
-            try:
-                held = claim(job_dir, wait=wait)
-            except JobBusyError:
-                with lock:
-                    on_busy(job_dir)
-                later.put(job_dir)
-                continue
-            with held:
-                run_one(job_dir, held, gpu)
-
-    if not gpus:
-        work(None)
+    if isinstance(jobs_per_device, bool) or not isinstance(jobs_per_device, int) or jobs_per_device < 1:
+        raise ConfigError(f"jobs per device must be a positive integer; got {jobs_per_device!r}")
+    if not job_dirs:
+        return
+    devices = worker_devices(gpus, jobs_per_device, len(job_dirs))
+    if devices != [None]:
+        log_dir = runs_root() / "_workers"
+        run_pool(job_dirs, devices, data_root=data_root, wandb=wandb, crafts=crafts, pending=pending,
+                 on_done=on_done, on_skip=on_skip, on_busy=on_busy, on_note=on_note, log_dir=log_dir)
         return
 
-    def worker(gpu: str) -> None:
-        try:
-            work(gpu)
-        except Exception as err:  # reported by the main thread, not lost with this one
-            errors.append(err)
+    from poisonbench.training.run import load_config, prepare_dir, run_job
 
-    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    later: list[Path] = []
+    for job_dir in job_dirs:
+        try:
+            held = claim(job_dir)
+        except JobBusyError:
+            on_busy(job_dir)
+            later.append(job_dir)
+            continue
+        with held:
+            _run_here(job_dir, held, data_root, wandb, pending, on_done, on_skip, load_config, prepare_dir, run_job)
+    for job_dir in later:
+        with claim(job_dir, wait=True) as held:
+            _run_here(job_dir, held, data_root, wandb, pending, on_done, on_skip, load_config, prepare_dir, run_job)
+
+
+def _run_here(job_dir: Path, held: Claim, data_root, wandb, pending, on_done, on_skip, load_config, prepare_dir,
+              run_job) -> None:
+    if not pending(job_dir):
+        on_skip(job_dir)
+        return
+    config = load_config(job_dir)
+    if needs_child(config):
+        run_child(job_dir, data_root, wandb, claimed=held)
+    else:
+        with torch_threads(job_threads(config, usable_cores())):
+            prepare_dir(job_dir, config, claimed=held)
+            run_job(config, job_dir, data_root=data_root, wandb=wandb)
+    on_done(job_dir)
 
 
 class ResumableJob:
@@ -173,9 +161,12 @@ class ResumableJob:
     """
 
     def __call__(self, job_dir: str, data_root: str | None, wandb: bool) -> None:
-        from poisonbench.training.run import run_job_dir
+        from poisonbench.training.run import load_config, run_job_dir
 
-        run_job_dir(job_dir, data_root, wandb)
+        # The local executor's thread count, so that a job's floats on a CPU do not
+        # depend on where it ran (bench.workers.CPU_JOB_THREADS).
+        with torch_threads(job_threads(load_config(Path(job_dir)), usable_cores())):
+            run_job_dir(job_dir, data_root, wandb)
 
     def checkpoint(self, job_dir: str, data_root: str | None, wandb: bool):
         return _submitit().helpers.DelayedSubmission(self, job_dir, data_root, wandb)

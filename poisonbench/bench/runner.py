@@ -11,6 +11,7 @@ and then runs it only if it is still not done. Nothing is deleted before a job r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from poisonbench import progress as progress_bars
 from poisonbench.bench.aggregate import aggregate, table_state
 from poisonbench.bench.catalogue import load_suite, planned_catalogue
 from poisonbench.bench.executors import EXECUTORS, ready
+from poisonbench.bench.workers import CPU_JOB_THREADS, CraftTask, auto_jobs_per_device, torch_threads
 from poisonbench.bench.jobs import Job, expand, job_state, read_results, runs_root
 from poisonbench.bench.render import render_all, render_table
 from poisonbench.bench.tables import TableSpec, load_table
@@ -92,10 +94,17 @@ def show_plan(plans: list[Plan], console: Console) -> None:
 
 def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data_root: str | None = None,
         wandb: bool = False, gpus: list[str] | None = None, slurm: dict | None = None,
-        render: bool = True, console: Console | None = None) -> None:
+        jobs_per_device: int | str = 1, render: bool = True, console: Console | None = None) -> None:
+    """Run the plans' jobs that are not done and render their leaderboards.
+
+    ``jobs_per_device``: worker processes per GPU of ``gpus`` (or on the CPU), or
+    ``"auto"`` (``bench.workers.auto_jobs_per_device``); results do not depend on it.
+    """
     console = console or Console(stderr=True)
     root = runs_root()
     ready(executor)  # before any directory is touched
+    if jobs_per_device == "auto":
+        jobs_per_device = auto_jobs_per_device(gpus)
     launch = EXECUTORS.get(executor)
     blocked = not_implemented(plans)
     for (table, row, column), missing in blocked.items():
@@ -118,8 +127,11 @@ def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data
             return result_stamp(job_dir) == replaces[job_dir]
         return job_state(by_dir[job_dir], root) != "done"
 
+    crafts = None
     if gpus:
         precraft(todo, data_root, console, gpus)
+    elif executor == "local" and jobs_per_device > 1:  # CPU workers craft the shared stores first, in parallel
+        crafts = {j.dir(root): craft_task(j.config) for j in todo}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress, progress_bars.shared(progress):
         task = progress.add_task("trials", total=len(todo))
@@ -139,11 +151,30 @@ def run(plans: list[Plan], *, rerun: bool = False, executor: str = "local", data
                                    f"waiting for it after the other jobs")
 
         launch(list(by_dir), data_root=data_root, wandb=wandb, gpus=gpus, slurm=slurm,
-               pending=pending, on_done=done, on_skip=skip, on_busy=busy)
+               jobs_per_device=jobs_per_device, crafts=crafts, pending=pending, on_done=done, on_skip=skip,
+               on_busy=busy, on_note=progress.console.print)
     if render:
         for p in plans:
             write_leaderboard(p, wandb=wandb, console=console)
         render_all(leaderboards_dir(), root, tables=[])  # refresh the index only
+
+
+def craft_task(config: dict) -> CraftTask | None:
+    """The poison store a job reads, as ``run_job`` would craft it, when jobs can share it:
+    an availability attack's (an integrity attack's store depends on the trial's target
+    and victim, which the job itself draws)."""
+    from poisonbench.attacks import ATTACKS
+
+    if config["attack"] == "none":
+        return None
+    attack = ATTACKS.get(config["attack"])
+    if attack.integrity:
+        return None
+    params = dict(config.get("attack_params") or {})
+    if config.get("fast_dev_run"):  # what the job itself crafts (training/run.py)
+        params = {**params, **attack.smoke}
+    key = json.dumps([config["attack"], params, config["dataset"], config["poison_seed"]], sort_keys=True)
+    return CraftTask(config["attack"], params, config["dataset"], int(config["poison_seed"]), key)
 
 
 def precraft(jobs: list[Job], data_root: str | None, console: Console, gpus: list[str] | None = None) -> None:
@@ -151,32 +182,32 @@ def precraft(jobs: list[Job], data_root: str | None, console: Console, gpus: lis
     fixed poison seed do not all craft the same store at once (memory, not correctness:
     stores are written atomically).
 
-    With ``gpus`` (the ids of ``--gpus``), a store is crafted on them: on all of them as
-    the ranks of one run when its attack shards (``ranks="invariant"``: the store is the
-    one a job would craft on one device), else on the first. Without ``gpus``, or on a
-    machine without CUDA (where the jobs train on the CPU too), on the CPU.
+    With ``gpus`` (the ids of ``--gpus``, each counted once however many workers share
+    it), a store is crafted on them: on all of them as the ranks of one run when its
+    attack shards (``ranks="invariant"``: the store is the one a job would craft on one
+    device), else on the first. Without ``gpus``, or on a machine without CUDA (where the
+    jobs train on the CPU too), on the CPU.
     """
     import torch
 
     from poisonbench.attacks import ATTACKS, craft_cached
     from poisonbench.data import load_imageset
 
+    gpus = list(dict.fromkeys(str(g) for g in gpus)) if gpus else None
     devices = gpu_devices(gpus) if gpus and torch.cuda.is_available() else ["cpu"]
     seen = set()
     for job in jobs:
-        c = job.config
-        params = dict(c.get("attack_params") or {})
-        if c.get("fast_dev_run") and c["attack"] != "none":  # what the job itself crafts (training/run.py)
-            params = {**params, **ATTACKS.get(c["attack"]).smoke}
-        key = (c["attack"], json.dumps(params, sort_keys=True), c["dataset"], c["poison_seed"])
-        if key in seen or c["attack"] == "none":
+        task = craft_task(job.config)
+        if task is None or task.key in seen:
             continue
-        seen.add(key)
-        on = devices if ATTACKS.get(c["attack"]).ranks == "invariant" else devices[:1]
+        seen.add(task.key)
+        on = devices if ATTACKS.get(task.attack).ranks == "invariant" else devices[:1]
         where = ", ".join(str(d) for d in on)
-        console.print(f"crafting {c['attack']} on {c['dataset']} (seed {c['poison_seed']}) on {where}")
-        craft_cached(c["attack"], load_imageset(c["dataset"], data_root, "train"), params,
-                     int(c["poison_seed"]), on)
+        console.print(f"crafting {task.attack} on {task.dataset} (seed {task.poison_seed}) on {where}")
+        # On the CPU with the jobs' thread count: the store is the one a job would craft.
+        with torch_threads(CPU_JOB_THREADS) if on == ["cpu"] else contextlib.nullcontext():
+            craft_cached(task.attack, load_imageset(task.dataset, data_root, "train"), task.params,
+                         task.poison_seed, on)
 
 
 def gpu_devices(gpus: list[str]) -> list[str]:
