@@ -55,3 +55,25 @@ def test_two_fresh_homes_give_identical_metrics(tmp_path):
     assert first["metrics"] == second["metrics"]
     assert first["curves"] == second["curves"]
     assert first["hardware"]["threads"] == 1
+
+
+def test_a_cpu_job_runs_with_the_fixed_thread_count_wherever_it_runs(tmp_path, monkeypatch):
+    """``train`` (not only ``run``'s workers) trains on the CPU with CPU_JOB_THREADS threads,
+    so the same job gives the same floats from every verb; the caller's count comes back."""
+    import torch
+
+    from poisonbench.cli import main
+    from poisonbench.threads import CPU_JOB_THREADS
+
+    monkeypatch.setenv("POISONBENCH_HOME", str(tmp_path / "home"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(CPU_JOB_THREADS + 1)
+    try:
+        out = tmp_path / "job"
+        assert main(["train", "--dataset", "digits", "--model", "small_cnn", "--fast-dev-run",
+                     "--out", str(out)]) == 0
+        assert torch.get_num_threads() == CPU_JOB_THREADS + 1
+    finally:
+        torch.set_num_threads(before)
+    result = json.loads((out / "result.json").read_text())
+    assert result["hardware"]["threads"] == CPU_JOB_THREADS

@@ -49,13 +49,8 @@ from queue import Empty
 from typing import Callable, Iterator
 
 from poisonbench.errors import JobError, PoisonbenchError
+from poisonbench.threads import CPU_JOB_THREADS, torch_threads  # noqa: F401  (re-exported to the executors)
 
-# Intra-op threads of every job that trains on the CPU, whatever the number of workers:
-# the floats of a CPU run depend on the thread count, so it must not follow K (or the
-# machine's core count). Small models gain little from a second thread (the small CNN
-# on digits: 10.3 s per job with one thread, 9.5 s with two), so the cores are better
-# spent on more workers.
-CPU_JOB_THREADS = 1
 # Default workers on a CPU (``--jobs-per-device auto``): one per usable core, at most this
 # many (each holds torch and its data: a few hundred MB).
 MAX_AUTO_CPU_WORKERS = 8
@@ -100,19 +95,6 @@ def job_threads(config: dict, budget: int) -> int:
     from poisonbench.training.run import compute_device
 
     return CPU_JOB_THREADS if compute_device(config["train"]).type == "cpu" else budget
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads, then restore the count."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

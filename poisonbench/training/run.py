@@ -20,6 +20,8 @@ defense). A filter or a replaced network acts on the victim's data or network al
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import os
 import shutil
@@ -44,6 +46,7 @@ from poisonbench.defenses import Defense, build_defense
 from poisonbench.errors import JobError
 from poisonbench.files import write_json, write_text
 from poisonbench.models import build_model
+from poisonbench.threads import CPU_JOB_THREADS, torch_threads
 from poisonbench.pretrain.auxiliary import auxiliary_dataset
 from poisonbench.fitting.base_model import AUXILIARY, JOB_DEFENSE, base_model, base_model_config, training_data
 from poisonbench.fitting.fit import fit
@@ -173,6 +176,17 @@ def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config
 
 
 def run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
+            store_path: str | Path | None = None, wandb: bool = False,
+            progress_bar: bool = False) -> dict:
+    """Run one job and return its result (also written to ``job_dir/result.json``); on
+    the CPU with ``CPU_JOB_THREADS`` threads wherever it runs (``poisonbench.threads``)."""
+    on_cpu = compute_device(dict(config["train"])).type == "cpu"
+    with torch_threads(CPU_JOB_THREADS) if on_cpu else contextlib.nullcontext():
+        return _run_job(config, job_dir, data_root=data_root, store_path=store_path, wandb=wandb,
+                        progress_bar=progress_bar)
+
+
+def _run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None,
             store_path: str | Path | None = None, wandb: bool = False,
             progress_bar: bool = False) -> dict:
     """Run one job and return its result (also written to ``job_dir/result.json``)."""
