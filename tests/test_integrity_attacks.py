@@ -11,7 +11,8 @@ import torch
 from crafting_checks import interrupt_then_resume
 from poisonbench.attacks import ATTACKS, AttackInput, VictimSpec, craft_cached
 from poisonbench.attacks.base import check_store
-from poisonbench.attacks.gradient_matching import poison_loss, surrogate_spec
+from poisonbench.attacks.gradient_matching import poison_loss
+from poisonbench.attacks.surrogate import surrogate_spec
 from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
 from poisonbench.data.targets import poison_count
 from poisonbench.errors import ConfigError, PoisonStoreError
@@ -142,7 +143,7 @@ def test_gradient_matching_lowers_the_matching_loss_within_its_budget(digits, on
     assert store.index.tolist() == list(inp.target.poison_index)
     assert torch.equal(store.labels, train.labels[store.index])
     assert store.target.target_index == inp.target.target_index and store.test_fingerprint == test.fingerprint
-    name, model_params, recipe = surrogate_spec(inp, params)
+    name, model_params, recipe = surrogate_spec(inp.victim, params.surrogate, "gradient_matching")
     model, seconds = trained_model(train, name, model_params, "relu", recipe, inp.seed, torch.device("cpu"))
     assert seconds == 0.0  # the surrogate the craft trained, from the cache
     x_t = test.images[list(inp.target.target_index)].float() / 255
@@ -164,14 +165,14 @@ def test_gradient_matching_resumes_to_the_same_store(digits, tmp_path, one_threa
 def test_the_surrogate_recipe_is_the_victims(digits):
     victim = VictimSpec("small_cnn", {"pool": 1}, CPU_TRAIN)
     _, params, inp = matching(digits, victim=victim, surrogate={})
-    name, model_params, recipe = surrogate_spec(inp, params)
+    name, model_params, recipe = surrogate_spec(inp.victim, params.surrogate, "gradient_matching")
     assert (name, model_params) == ("small_cnn", {"pool": 1})
     assert {k: recipe[k] for k in ("epochs", "lr", "milestones", "batch_size")} == \
         {"epochs": 15, "lr": 0.05, "milestones": [12], "batch_size": 64}
     _, params, inp = matching(digits, victim=victim, surrogate={"epochs": 2, "model": "small_cnn"})
-    assert surrogate_spec(inp, params)[2]["epochs"] == 2
+    assert surrogate_spec(inp.victim, params.surrogate, "gradient_matching")[2]["epochs"] == 2
     _, params, inp = matching(digits)  # no victim: the default recipe, scaled to the given epochs
-    assert surrogate_spec(inp, params)[2]["milestones"] == SurrogateRecipe(epochs=2).train_config()["milestones"]
+    assert surrogate_spec(inp.victim, params.surrogate, "gradient_matching")[2]["milestones"] == SurrogateRecipe(epochs=2).train_config()["milestones"]
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from poisonbench.attacks.base import AttackInput, params_dict
 from poisonbench.attacks.batch import BATCH_ATTACKS, step_scale
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
-from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
+from poisonbench.attacks.surrogate import SURROGATE_KEYS, SurrogateRecipe, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
@@ -51,7 +51,6 @@ from poisonbench.models.weights import load_weights
 from poisonbench.params import ranged
 
 SCALES = ("std", "pixel")
-SURROGATE_KEYS = ("model", "model_params", "epochs", "batch_size", "lr")
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

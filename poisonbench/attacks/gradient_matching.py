@@ -49,7 +49,7 @@ from poisonbench.attacks.base import AttackInput, params_dict, register_attack
 from poisonbench.attacks.gradients import MATCHING_LOSSES, gradient_norm, matching_loss, parameter_gradient
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
-from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
+from poisonbench.attacks.surrogate import SURROGATE_KEYS, surrogate_spec, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
@@ -58,8 +58,6 @@ from poisonbench.models import build_model
 from poisonbench.params import ranged
 
 SCALES = ("std", "pixel")
-# What a surrogate override may set (gradient_matching's ``surrogate`` param).
-SURROGATE_KEYS = ("model", "model_params", "epochs", "batch_size", "lr")
 
 
 @dataclass(frozen=True)
@@ -99,28 +97,6 @@ class GradientMatchingParams:
     def milestones(self) -> list[int]:
         """Steps where the lr drops ×0.1: 3/8, 5/8, 7/8 of the steps (robuster C.2)."""
         return [int(self.steps * 3 / 8), int(self.steps * 5 / 8), int(self.steps * 7 / 8)]
-
-
-def surrogate_spec(inp: AttackInput, params: GradientMatchingParams) -> tuple[str, dict, dict]:
-    """(model, model_params, training mapping) of the surrogate: the victim's, with the
-    ``surrogate`` param's changes, on one device."""
-    over, victim = dict(params.surrogate), inp.victim
-    if victim is None and not {"model", "epochs"} <= set(over):
-        raise ConfigError("gradient_matching trains its surrogate with the victim's recipe: give the victim, "
-                          "or the surrogate param with at least model and epochs")
-    model = over.get("model", victim.model if victim else None)
-    model_params = dict(over.get("model_params", victim.model_params if victim else {}))
-    train = dict(victim.train) if victim is not None else SurrogateRecipe().train_config()
-    if "epochs" in over:
-        epochs = int(over["epochs"])
-        train["epochs"] = epochs
-        if victim is None:  # the default recipe's schedule follows its epochs
-            train["milestones"] = [epochs * 3 // 8, epochs * 5 // 8, epochs * 7 // 8]
-    for key in ("batch_size", "lr"):
-        if key in over:
-            train[key] = over[key]
-    train.update(accelerator="auto", devices=1, strategy="auto", eval_every=max(int(train["epochs"]), 1))
-    return model, model_params, train
 
 
 def base_surrogate(inp: AttackInput, num_classes: int, device: torch.device) -> torch.nn.Module:
@@ -192,7 +168,7 @@ def craft(inp: AttackInput, params: GradientMatchingParams) -> PoisonStore:
     if inp.victim is not None and inp.victim.scenario != "scratch":
         model = base_surrogate(inp, train.num_classes, device)
     else:
-        model_name, model_params, recipe = surrogate_spec(inp, params)
+        model_name, model_params, recipe = surrogate_spec(inp.victim, params.surrogate, "gradient_matching")
         surrogate_seed = inp.seed if params.surrogate_seed is None else int(params.surrogate_seed)
         model, _ = trained_model(train, model_name, model_params, "relu", recipe, surrogate_seed, device,
                                  progress=ctx.progress, defense=inp.defense if params.adaptive else None)

@@ -64,7 +64,7 @@ from poisonbench.attacks.batch import BATCH_ATTACKS, step_scale
 from poisonbench.attacks.batch import patch as batch_patch
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
-from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
+from poisonbench.attacks.surrogate import SURROGATE_KEYS, surrogate_spec, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
@@ -74,7 +74,6 @@ from poisonbench.models import build_model
 from poisonbench.params import ranged
 
 SCALES = ("std", "pixel")
-SURROGATE_KEYS = ("model", "model_params", "epochs", "batch_size", "lr")
 EVAL_BATCH = 256
 
 
@@ -153,28 +152,6 @@ def make_trigger(shape: tuple[int, int, int], params: HiddenTriggerParams, seed:
 # ------------------------------------------------------------------------- crafting model
 
 
-def surrogate_spec(inp: AttackInput, params: HiddenTriggerParams) -> tuple[str, dict, dict]:
-    """(model, model_params, training mapping) of the crafting model trained on the clean
-    set when there is no base model: the victim's, with the ``surrogate`` changes."""
-    over, victim = dict(params.surrogate), inp.victim
-    if victim is None and not {"model", "epochs"} <= set(over):
-        raise ConfigError("hidden_trigger crafts on the victim's base model: give the victim, "
-                          "or the surrogate param with at least model and epochs")
-    model = over.get("model", victim.model if victim else None)
-    model_params = dict(over.get("model_params", victim.model_params if victim else {}))
-    train = dict(victim.train) if victim is not None else SurrogateRecipe().train_config()
-    if "epochs" in over:
-        epochs = int(over["epochs"])
-        train["epochs"] = epochs
-        if victim is None:
-            train["milestones"] = [epochs * 3 // 8, epochs * 5 // 8, epochs * 7 // 8]
-    for key in ("batch_size", "lr"):
-        if key in over:
-            train[key] = over[key]
-    train.update(accelerator="auto", devices=1, strategy="auto", eval_every=max(int(train["epochs"]), 1))
-    return model, model_params, train
-
-
 def crafting_model(inp: AttackInput, params: HiddenTriggerParams, device: torch.device) -> torch.nn.Module:
     """The victim's base model (fine-tuning, transfer) or, without one, the victim's
     recipe trained on the clean set; in eval mode, nothing trainable."""
@@ -186,7 +163,7 @@ def crafting_model(inp: AttackInput, params: HiddenTriggerParams, device: torch.
         model.load_state_dict(load_file(str(inp.base_weights)))
         model = model.to(device)
     else:
-        name, model_params, recipe = surrogate_spec(inp, params)
+        name, model_params, recipe = surrogate_spec(inp.victim, params.surrogate, "hidden_trigger")
         model, _ = trained_model(inp.train, name, model_params, "relu", recipe, inp.seed, device,
                                  progress=crafting.context().progress)
     model.requires_grad_(False)  # gradients flow to δ only

@@ -61,6 +61,34 @@ class SurrogateRecipe:
                 "strategy": "auto", "precision": "32", "eval_every": max(self.epochs, 1)}
 
 
+# What a ``surrogate`` param of an integrity attack may change of the victim's recipe.
+SURROGATE_KEYS = ("model", "model_params", "epochs", "batch_size", "lr")
+
+
+def surrogate_spec(victim, over: dict, attack: str) -> tuple[str, dict, dict]:
+    """(model, model_params, training mapping) of the model an integrity attack trains on
+    the clean set: the victim's (``VictimSpec``), with the ``surrogate`` param's changes
+    ``over`` (a transfer attack from another model, the tiny model of a smoke run), on
+    one device. Without a victim, ``over`` must give at least model and epochs."""
+    over = dict(over)
+    if victim is None and not {"model", "epochs"} <= set(over):
+        raise ConfigError(f"{attack} trains its crafting model with the victim's recipe: give the victim, "
+                          "or the surrogate param with at least model and epochs")
+    model = over.get("model", victim.model if victim else None)
+    model_params = dict(over.get("model_params", victim.model_params if victim else {}))
+    train = dict(victim.train) if victim is not None else SurrogateRecipe().train_config()
+    if "epochs" in over:
+        epochs = int(over["epochs"])
+        train["epochs"] = epochs
+        if victim is None:  # the default recipe's schedule follows its epochs
+            train["milestones"] = [epochs * 3 // 8, epochs * 5 // 8, epochs * 7 // 8]
+    for key in ("batch_size", "lr"):
+        if key in over:
+            train[key] = over[key]
+    train.update(accelerator="auto", devices=1, strategy="auto", eval_every=max(int(train["epochs"]), 1))
+    return model, model_params, train
+
+
 def build_crafting_model(name: str, num_classes: int, model_params: dict | None = None,
                          activation: str = "relu") -> ImageClassifier:
     if activation not in ACTIVATIONS:

@@ -34,7 +34,6 @@ authors' code (see ``attacks/batch.py``).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -42,7 +41,8 @@ import torch
 
 from poisonbench.attacks.batch import BATCH_ATTACKS, eval_mode
 from poisonbench.attacks.crafting import rank_world
-from poisonbench.defenses.base import Defense, register_defense
+from poisonbench.defenses.base import Defense, check_class_labels, register_defense
+from poisonbench.defenses.randomness import torch_stream
 from poisonbench.errors import ConfigError
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.params import ranged
@@ -68,8 +68,7 @@ class AdversarialPoisoningParams:
 
 def batch_generator(seed: int, rank: int, call: int, device: torch.device) -> torch.Generator:
     """The random stream of one defended batch: a function of (seed, rank, call) only."""
-    digest = hashlib.sha256(f"{NAME}:{seed}:{rank}:{call}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+    return torch_stream(device, NAME, seed, rank, call)
 
 
 def split(labels: torch.Tensor, p: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +94,7 @@ class AdversarialPoisoning(Defense):
 
     def on_train_batch(self, model: ImageClassifier, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if labels.is_floating_point():
-            raise ConfigError(f"defense {NAME!r} needs class-index labels, not soft labels of shape "
-                              f"{tuple(labels.shape)}")
+        check_class_labels(NAME, labels)
         params = self.params
         rank, _ = rank_world()
         generator = batch_generator(params.seed, rank, self.calls, images.device)

@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
+from poisonbench.errors import ConfigError
 from poisonbench.params import parse_params
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.registry import Registry
@@ -91,6 +92,14 @@ class Defense:
         resolved job config and ``data_root`` where its data lives, for a defense that
         first makes what it needs (the ``pretrained`` defense pre-trains its backbone)."""
         return model
+
+
+def check_class_labels(name: str, labels: torch.Tensor) -> None:
+    """A per-batch defense that needs class-index labels refuses soft ones (another
+    defense's mixed labels) with one sentence."""
+    if labels.is_floating_point():
+        raise ConfigError(f"defense {name!r} needs class-index labels, not soft labels of shape "
+                          f"{tuple(labels.shape)}")
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")

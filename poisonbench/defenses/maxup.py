@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from poisonbench.attacks.crafting import rank_world
-from poisonbench.defenses.base import Defense, register_defense
+from poisonbench.defenses.base import Defense, check_class_labels, register_defense
 from poisonbench.defenses.randomness import numpy_stream
-from poisonbench.errors import ConfigError
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.params import ranged
 
@@ -104,9 +103,7 @@ class Maxup(Defense):
 
     def on_train_batch(self, model: ImageClassifier, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if labels.is_floating_point():
-            raise ConfigError(f"defense {NAME!r} needs class-index labels, not soft labels of shape "
-                              f"{tuple(labels.shape)}")
+        check_class_labels(NAME, labels)
         params = self.params
         rank, _ = rank_world()
         rng = numpy_stream(NAME, params.seed, rank, self.calls)
