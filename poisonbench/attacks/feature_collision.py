@@ -29,7 +29,6 @@ restart so far, so a resumed craft computes what an uninterrupted one does.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,7 +38,7 @@ from poisonbench.attacks import crafting
 from poisonbench.attacks.base import AttackInput, params_dict
 from poisonbench.attacks.batch import BATCH_ATTACKS, step_scale
 from poisonbench.attacks.quantize import add_levels, round_linf
-from poisonbench.attacks.steps import INITS, SignedAdam
+from poisonbench.attacks.steps import INITS, SignedAdam, signed_adam_restarts
 from poisonbench.attacks.surrogate import SURROGATE_KEYS, SurrogateRecipe, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.store import PoisonStore
@@ -191,42 +190,11 @@ def craft_features(inp: AttackInput, params: FeatureCollisionParams, name: str, 
     clean = train.images[index].to(device).float().div_(255)
     scale = _scale(model, params)
 
-    def optimizer(restart: int) -> SignedAdam:
-        gen = crafting.unit_generator(inp.seed, 10**6 + restart, device)
-        return SignedAdam(clean, params.eps, lr=params.lr, init=params.init, milestones=params.milestones,
-                          scale=scale, generator=gen)
-
-    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s)
-    first, best, best_loss, tensors = 0, None, math.inf, {}
-    resumed = checkpoint.load()
-    if resumed is not None:
-        unit, tensors, extras = resumed
-        first, best_loss = unit + 1, float(extras["best_loss"])
-        best = tensors["best"].to(device) if "best" in tensors else None
-    with crafting.progress(description, params.restarts * params.steps) as advance:
-        advance(first)
-        for restart in range(first // params.steps, params.restarts):
-            opt = optimizer(restart)
-            start = first - restart * params.steps if restart == first // params.steps else 0
-            if start:
-                opt.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, start)
-            for step in range(start, params.steps):
-                unit = restart * params.steps + step
-                grad, loss = step_gradient(model, clean, opt.delta, target_features, objective, params,
-                                           crafting.unit_generator(inp.seed, unit))
-                opt.step(grad)
-                # The authors' score: the last step's loss (a loss that is not a number loses
-                # against any that is).
-                if step == params.steps - 1 and (best is None or loss < best_loss
-                                                 or (math.isnan(best_loss) and not math.isnan(loss))):
-                    best_loss, best = loss, opt.delta.detach().clone()
-                advance(1, loss)
-                if checkpoint.due():
-                    state = {f"opt.{k}": v for k, v in opt.state_tensors().items()}
-                    if best is not None:
-                        state["best"] = best
-                    checkpoint.save(unit, state, {"best_loss": best_loss})
-                crafting.finish_unit(unit)
+    best = signed_adam_restarts(
+        description, clean, params.eps, steps=params.steps, restarts=params.restarts, lr=params.lr,
+        init=params.init, milestones=params.milestones, scale=scale, seed=inp.seed,
+        step_gradient=lambda delta, generator: step_gradient(model, clean, delta, target_features, objective,
+                                                             params, generator))
 
     levels = round_linf(best.cpu(), params.eps)
     kept = targets.clone()
@@ -236,7 +204,6 @@ def craft_features(inp: AttackInput, params: FeatureCollisionParams, name: str, 
         norm="linf", eps=params.eps, seed=inp.seed, test_fingerprint=target.test_fingerprint,
         extras={"target_index": kept, "target_label": torch.full_like(kept, target.adversarial_class)},
     )
-    checkpoint.remove()
     return store
 
 

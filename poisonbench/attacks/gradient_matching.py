@@ -38,7 +38,6 @@ authors' integer divisions give 89, 150, 210).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +47,7 @@ from poisonbench.attacks import crafting
 from poisonbench.attacks.base import AttackInput, params_dict, register_attack
 from poisonbench.attacks.gradients import MATCHING_LOSSES, gradient_norm, matching_loss, parameter_gradient
 from poisonbench.attacks.quantize import add_levels, round_linf
-from poisonbench.attacks.steps import INITS, SignedAdam
+from poisonbench.attacks.steps import INITS, signed_adam_restarts
 from poisonbench.attacks.surrogate import SURROGATE_KEYS, surrogate_spec, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.store import PoisonStore
@@ -185,39 +184,11 @@ def craft(inp: AttackInput, params: GradientMatchingParams) -> PoisonStore:
     labels = train.labels[index].to(device)
     scale = _scale(model, params)
 
-    def optimizer(restart: int) -> SignedAdam:
-        gen = crafting.unit_generator(inp.seed, 10**6 + restart, device)
-        return SignedAdam(clean, params.eps, lr=params.lr, init=params.init, milestones=params.milestones,
-                          scale=scale, generator=gen)
-
-    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s)
-    first, best, best_loss = 0, None, math.inf
-    resumed = checkpoint.load()
-    if resumed is not None:
-        unit, tensors, extras = resumed
-        first, best_loss = unit + 1, float(extras["best_loss"])
-        best = tensors["best"].to(device) if "best" in tensors else None
-    with crafting.progress("gradient matching steps", params.restarts * params.steps) as advance:
-        advance(first)
-        for restart in range(first // params.steps, params.restarts):
-            opt = optimizer(restart)
-            start = first - restart * params.steps if restart == first // params.steps else 0
-            if start:
-                opt.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, start)
-            for step in range(start, params.steps):
-                unit = restart * params.steps + step
-                grad, loss = step_loss(model, clean, opt.delta, labels, target_grad, target_norm, params,
-                                       crafting.unit_generator(inp.seed, unit))
-                opt.step(grad)
-                if step == params.steps - 1 and loss < best_loss:  # the authors' score: the last step's loss
-                    best_loss, best = loss, opt.delta.detach().clone()
-                advance(1, loss)
-                if checkpoint.due():
-                    state = {f"opt.{k}": v for k, v in opt.state_tensors().items()}
-                    if best is not None:
-                        state["best"] = best
-                    checkpoint.save(unit, state, {"best_loss": best_loss})
-                crafting.finish_unit(unit)
+    best = signed_adam_restarts(
+        "gradient matching steps", clean, params.eps, steps=params.steps, restarts=params.restarts, lr=params.lr,
+        init=params.init, milestones=params.milestones, scale=scale, seed=inp.seed,
+        step_gradient=lambda delta, generator: step_loss(model, clean, delta, labels, target_grad, target_norm,
+                                                         params, generator))
 
     levels = round_linf(best.cpu(), params.eps)
     targets_store = targets.clone()
@@ -228,5 +199,4 @@ def craft(inp: AttackInput, params: GradientMatchingParams) -> PoisonStore:
         test_fingerprint=target.test_fingerprint,
         extras={"target_index": targets_store, "target_label": torch.full_like(targets_store, target.adversarial_class)},
     )
-    checkpoint.remove()
     return store

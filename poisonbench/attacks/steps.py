@@ -10,10 +10,12 @@ normalisation std) gives that same step here: δ = scale · u, Adam on u.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import torch
 
+from poisonbench.attacks import crafting
 from poisonbench.attacks.crafting import project, random_start
 
 INITS = ("randn", "uniform", "zero")
@@ -74,3 +76,55 @@ class SignedAdam:
                                             for k in ("exp_avg", "exp_avg_sq", "step") if k in tensors}
         for _ in range(steps_done):
             self.schedule.step()
+
+
+StepGradient = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, float]]
+
+
+def signed_adam_restarts(description: str, clean: torch.Tensor, eps: float, *, steps: int, restarts: int,
+                         lr: float, init: str, milestones: Sequence[int], scale: torch.Tensor | None, seed: int,
+                         step_gradient: StepGradient) -> torch.Tensor:
+    """The authors' crafting loop (DP ``witch_base.py::_run_trial``), resumable: ``restarts``
+    fresh starts of ``steps`` signed-Adam steps each; ``step_gradient(δ, generator)`` gives
+    (d loss / d δ, loss) with that step's randomness (``crafting.unit_generator(seed,
+    unit)``); returns the δ of the restart with the lowest last-step loss (a loss that is
+    not a number loses against any that is). Every step is a unit of ``crafting``: the
+    checkpoint holds δ, Adam's moments and the best restart so far, so a resumed craft
+    computes what an uninterrupted one does."""
+    device = clean.device
+    ctx = crafting.context()
+
+    def optimizer(restart: int) -> SignedAdam:
+        gen = crafting.unit_generator(seed, 10**6 + restart, device)
+        return SignedAdam(clean, eps, lr=lr, init=init, milestones=milestones, scale=scale, generator=gen)
+
+    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s)
+    first, best, best_loss, tensors = 0, None, math.inf, {}
+    resumed = checkpoint.load()
+    if resumed is not None:
+        unit, tensors, extras = resumed
+        first, best_loss = unit + 1, float(extras["best_loss"])
+        best = tensors["best"].to(device) if "best" in tensors else None
+    with crafting.progress(description, restarts * steps) as advance:
+        advance(first)
+        for restart in range(first // steps, restarts):
+            opt = optimizer(restart)
+            start = first - restart * steps if restart == first // steps else 0
+            if start:
+                opt.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, start)
+            for step in range(start, steps):
+                unit = restart * steps + step
+                grad, loss = step_gradient(opt.delta, crafting.unit_generator(seed, unit))
+                opt.step(grad)
+                if step == steps - 1 and (best is None or loss < best_loss
+                                          or (math.isnan(best_loss) and not math.isnan(loss))):
+                    best_loss, best = loss, opt.delta.detach().clone()
+                advance(1, loss)
+                if checkpoint.due():
+                    state = {f"opt.{k}": v for k, v in opt.state_tensors().items()}
+                    if best is not None:
+                        state["best"] = best
+                    checkpoint.save(unit, state, {"best_loss": best_loss})
+                crafting.finish_unit(unit)
+    checkpoint.remove()
+    return best
