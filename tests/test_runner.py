@@ -16,6 +16,8 @@ from poisonbench.bench.tables import load_table
 from poisonbench.cli import main
 
 
+# Slow (about a minute): .ci/run runs it after make test.
+@pytest.mark.slow
 def test_fast_dev_run_demo_renders_nothing(tmp_path):
     plans = runner.plan(runner.resolve_tables("demo", None), profile=None, trials=None, rows=None, fast_dev_run=True)
     assert [len(p.jobs) for p in plans] == [len(p.spec.cells()) for p in plans]  # one trial per cell by default
@@ -67,6 +69,8 @@ def test_killed_run_finishes_every_job_exactly_once(monkeypatch, tmp_path):
     assert main(argv) == 0 and len(completed) == jobs  # nothing left to do
 
 
+# Slow (3–4 minutes with every robuster row): `make smoke` and .ci/run run it after make test.
+@pytest.mark.slow
 def test_smoke_every_row_of_every_table(fixture_root):
     """`make smoke` inside `make test`: every row of every table, one batch each, on
     fixture files in the real formats, on a fresh home (no backbone files: a smoke run
@@ -184,6 +188,8 @@ def test_wandb_craft_and_aggregate_runs(isolated_home, tmp_path):
     assert list((isolated_home / "wandb" / "wandb").glob("offline-run-*"))  # the aggregate run
 
 
+# Slow (about 45 s); tests/test_jobs_per_device.py covers worker placement by default; .ci/run runs it.
+@pytest.mark.slow
 def test_local_executor_one_job_per_listed_gpu():
     """``--gpus`` runs each job as ``poisonbench job DIR`` with its own
     CUDA_VISIBLE_DEVICES; on a CPU machine the children simply train on the CPU."""
