@@ -39,7 +39,7 @@ from poisonbench.attacks.base import AttackInput, params_dict
 from poisonbench.attacks.batch import BATCH_ATTACKS, step_scale
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam, signed_adam_restarts
-from poisonbench.attacks.surrogate import SURROGATE_KEYS, SurrogateRecipe, trained_model
+from poisonbench.attacks.surrogate import SurrogateRecipe, check_surrogate_keys, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
@@ -78,9 +78,7 @@ class FeatureCollisionParams:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        unknown = sorted(set(self.surrogate) - set(SURROGATE_KEYS))
-        if unknown:
-            raise ValueError(f"surrogate takes {', '.join(SURROGATE_KEYS)}, not {unknown[0]!r}")
+        check_surrogate_keys(self.surrogate)
         if self.surrogate and not {"model", "epochs"} <= set(self.surrogate):
             raise ValueError("surrogate needs at least model and epochs")
 

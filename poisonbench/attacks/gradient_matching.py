@@ -48,7 +48,7 @@ from poisonbench.attacks.base import AttackInput, params_dict, register_attack
 from poisonbench.attacks.gradients import MATCHING_LOSSES, gradient_norm, matching_loss, parameter_gradient
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, signed_adam_restarts
-from poisonbench.attacks.surrogate import SURROGATE_KEYS, surrogate_spec, trained_model
+from poisonbench.attacks.surrogate import check_surrogate_keys, surrogate_spec, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
@@ -88,9 +88,7 @@ class GradientMatchingParams:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        unknown = sorted(set(self.surrogate) - set(SURROGATE_KEYS))
-        if unknown:
-            raise ValueError(f"surrogate takes {', '.join(SURROGATE_KEYS)}, not {unknown[0]!r}")
+        check_surrogate_keys(self.surrogate)
 
     @property
     def milestones(self) -> list[int]:

@@ -64,7 +64,7 @@ from poisonbench.attacks.batch import BATCH_ATTACKS, step_scale
 from poisonbench.attacks.batch import patch as batch_patch
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, SignedAdam
-from poisonbench.attacks.surrogate import SURROGATE_KEYS, surrogate_spec, trained_model
+from poisonbench.attacks.surrogate import check_surrogate_keys, surrogate_spec, trained_model
 from poisonbench.data.augment import translate_flip
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
@@ -100,9 +100,7 @@ class HiddenTriggerParams:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        unknown = sorted(set(self.surrogate) - set(SURROGATE_KEYS))
-        if unknown:
-            raise ValueError(f"surrogate takes {', '.join(SURROGATE_KEYS)}, not {unknown[0]!r}")
+        check_surrogate_keys(self.surrogate)
         if self.trigger_file is not None and not self.trigger_file.strip():
             raise ValueError("trigger_file must name an image file, or be null for a random trigger")
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from poisonbench.attacks import crafting
+from poisonbench.attacks.surrogate import check_surrogate_keys
 from poisonbench.attacks.base import AttackInput, params_dict, register_attack
 from poisonbench.attacks.batch import BATCH_ATTACKS
 from poisonbench.attacks.quantize import add_levels, round_linf
@@ -97,9 +98,7 @@ class MetaPoisonParams:
                                      ("scale", self.scale, SCALES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        unknown = sorted(set(self.surrogate) - set(SURROGATE_KEYS))
-        if unknown:
-            raise ValueError(f"surrogate takes {', '.join(SURROGATE_KEYS)}, not {unknown[0]!r}")
+        check_surrogate_keys(self.surrogate, SURROGATE_KEYS)
 
     @property
     def milestones(self) -> list[int]:

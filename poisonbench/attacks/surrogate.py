@@ -65,6 +65,14 @@ class SurrogateRecipe:
 SURROGATE_KEYS = ("model", "model_params", "epochs", "batch_size", "lr")
 
 
+def check_surrogate_keys(over: dict, allowed: tuple[str, ...] = SURROGATE_KEYS) -> None:
+    """A ``surrogate`` param names only what it may change (raises ValueError: the params
+    checker turns it into one sentence naming the attack)."""
+    unknown = sorted(set(over) - set(allowed))
+    if unknown:
+        raise ValueError(f"surrogate takes {', '.join(allowed)}, not {unknown[0]!r}")
+
+
 def surrogate_spec(victim, over: dict, attack: str) -> tuple[str, dict, dict]:
     """(model, model_params, training mapping) of the model an integrity attack trains on
     the clean set: the victim's (``VictimSpec``), with the ``surrogate`` param's changes
