@@ -783,6 +783,21 @@ def bench_feature_collision(devices: Sequence[torch.device], steps: int = FC_STE
     return costs
 
 
+def training_step_setup(name: str, model_params: dict, device: torch.device,
+                        batch: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    """(model in train mode, SGD, random images, labels) for timing one training step,
+    the same in every run (seed 0)."""
+    from poisonbench.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, 10, **model_params).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, 3, 32, 32), generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return model, opt, x, y
+
+
 def bench_adversarial_poisoning(devices: Sequence[torch.device], repeats: int,
                                 models: dict[str, dict] | None = None, batch: int | None = None,
                                 params: dict | None = None) -> dict[str, float]:
@@ -790,19 +805,13 @@ def bench_adversarial_poisoning(devices: Sequence[torch.device], repeats: int,
     import torch.nn.functional as F
 
     from poisonbench.defenses import build_defense
-    from poisonbench.models import build_model
 
     models = CRAFT_MODELS if models is None else models
     ratios = {}
     for device in devices:
         for name, model_params in models.items():
             b = batch or ADV_POISONING_BATCH[device.type].get(name, 128)
-            torch.manual_seed(0)
-            model = build_model(name, 10, **model_params).to(device).train()
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            gen = torch.Generator().manual_seed(0)
-            x = torch.rand((b, 3, 32, 32), generator=gen).to(device)
-            y = torch.randint(0, 10, (b,), generator=gen).to(device)
+            model, opt, x, y = training_step_setup(name, model_params, device, b)
             defense = build_defense("adversarial_poisoning", params or {})
 
             def plain(images=x, labels=y):
@@ -837,19 +846,13 @@ def bench_training_defenses(devices: Sequence[torch.device], repeats: int,
     import torch.nn.functional as F
 
     from poisonbench.defenses import build_defense
-    from poisonbench.models import build_model
 
     models = CRAFT_MODELS if models is None else models
     ratios = {}
     for device in devices:
         for name, model_params in models.items():
             b = batch or ADV_POISONING_BATCH[device.type].get(name, 128)
-            torch.manual_seed(0)
-            model = build_model(name, 10, **model_params).to(device).train()
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            gen = torch.Generator().manual_seed(0)
-            x = torch.rand((b, 3, 32, 32), generator=gen).to(device)
-            y = torch.randint(0, 10, (b,), generator=gen).to(device)
+            model, opt, x, y = training_step_setup(name, model_params, device, b)
 
             def step(defense):
                 images, labels = defense.on_train_batch(model, x, y)
