@@ -62,6 +62,14 @@ class Defense:
         """What ``result.json`` records: name, version and the full parameters."""
         return {"name": self.name, "version": self.version, "params": dataclasses.asdict(self.params)}
 
+    def acts_in_training(self) -> bool:
+        """Whether it changes training itself (its per-batch or per-step hook), not only
+        the data (a filter) or the network (``prepare_model``): what an adaptive attacker
+        and a defended base model train with."""
+        kind = type(self)
+        return (kind.on_train_batch is not Defense.on_train_batch
+                or kind.on_before_optimizer_step is not Defense.on_before_optimizer_step)
+
     # ------------------------------------------------------------------ hooks
     def filter_training_set(self, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
                             seed: int, device: torch.device, config: Mapping, poison_count: int = 0,

@@ -21,7 +21,6 @@ defense). A filter or a replaced network acts on the victim's data or network al
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import os
 import shutil
@@ -125,7 +124,7 @@ def compute_device(train: dict) -> torch.device:
 
 
 def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config: dict,
-                        device: torch.device) -> dict | None:
+                        device: torch.device, data_root: str | Path | None = None) -> dict | None:
     """Apply the defense's filter to the datamodule's poisoned training set in place.
 
     The filter is told the exact poison count (robuster §5.2), never which samples they
@@ -148,7 +147,7 @@ def filter_training_set(defense: Defense, datamodule: PoisonedDataModule, config
         poisons = store.index if subset is None else store.index[subset]
 
     def held_base_model():
-        return _from_base_model(config, datamodule.base, dict(config["train"]), False)[0]
+        return _from_base_model(config, datamodule.base, dict(config["train"]), False, data_root)[0]
 
     kept = defense.filter_training_set(train.images, train.labels, num_classes=train.num_classes,
                                        seed=int(config["seed"]), device=device, config=config,
@@ -243,7 +242,7 @@ def _run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None
                                     seed=int(config["seed"]), drop_poisoned=bool(config.get("drop_poisoned")),
                                     **sizes)
     device = compute_device(train_cfg)
-    filtered = filter_training_set(defense, datamodule, config, device)
+    filtered = filter_training_set(defense, datamodule, config, device, data_root)
     model_params = dict(config.get("model_params") or {})
     model = build_model(config["model"], base.num_classes, **model_params)
     model = defense.prepare_model(model, base.num_classes, config=config,
@@ -341,20 +340,12 @@ def _analysis_job(config: dict, job_dir: Path, base: ImageSet, store: PoisonStor
     return result
 
 
-def acts_in_training(defense: Defense) -> bool:
-    """Whether ``defense`` changes training itself (its per-batch or per-step hook), not
-    only the data (a filter) or the network (``prepare_model``)."""
-    kind = type(defense)
-    return (kind.on_train_batch is not Defense.on_train_batch
-            or kind.on_before_optimizer_step is not Defense.on_before_optimizer_step)
-
-
 def training_defense(config: dict) -> VictimDefense | None:
     """The job's defense as an adaptive attacker trains with it, or None where it does
     not act inside training; each call of its ``hooks`` builds a fresh defense, so the
     surrogate's defense state (counters, random streams) is not the victim's."""
     name, params = config.get("defense") or "none", dict(config.get("defense_params") or {})
-    if not acts_in_training(build_defense(name, params)):
+    if not build_defense(name, params).acts_in_training():
         return None
     return VictimDefense(name, params, functools.partial(build_defense, name, params))
 
