@@ -11,6 +11,7 @@ from poisonbench.attacks.gradients import matching_loss, parameter_gradient
 from poisonbench.data.module import PoisonedDataModule
 from poisonbench.defenses import DEFENSES, build_defense
 from poisonbench.defenses import adversarial_poisoning as ap
+from poisonbench.defenses import randomness
 from poisonbench.errors import ConfigError
 from poisonbench.fitting.trainer import build_trainer, quiet_lightning
 from poisonbench.fitting.victim import VictimModule
@@ -194,7 +195,7 @@ def test_deterministic_per_seed_call_and_rank(digits, monkeypatch):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     (_, second), (other,) = run(calls=2), run(seed=1)
     assert not torch.equal(second[1], a[1]) and not torch.equal(other[1], a[1])  # new splits
-    monkeypatch.setattr(ap, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(randomness, "rank_world", lambda: (1, 2))  # where the per-batch draws ask
     (rank1,) = run()
     assert not torch.equal(rank1[1], a[1])  # each DDP rank draws its own split
 

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from poisonbench.attacks.batch import BATCH_ATTACKS, eval_mode
-from poisonbench.attacks.crafting import rank_world
 from poisonbench.defenses.base import Defense, check_class_labels, register_defense
-from poisonbench.defenses.randomness import torch_stream
+from poisonbench.defenses.randomness import BatchDraws, torch_stream
 from poisonbench.errors import ConfigError
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.params import ranged
@@ -85,20 +84,15 @@ def malicious_label(poison_labels: torch.Tensor) -> torch.Tensor:
 
 
 @register_defense(NAME, AdversarialPoisoningParams)
-class AdversarialPoisoning(Defense):
+class AdversarialPoisoning(BatchDraws, Defense):
     """Each batch is partly poisoned against the model being trained (Algorithm 1)."""
-
-    def __init__(self, params=None) -> None:
-        super().__init__(params)
-        self.calls = 0
 
     def on_train_batch(self, model: ImageClassifier, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_class_labels(NAME, labels)
         params = self.params
-        rank, _ = rank_world()
-        generator = batch_generator(params.seed, rank, self.calls, images.device)
-        self.calls += 1
+        _, seed, rank, call = self.batch_keys(NAME, params.seed)
+        generator = batch_generator(seed, rank, call, images.device)
         poisons, targets = split(labels, params.p, generator)
         if poisons.numel() == 0:
             return images, labels

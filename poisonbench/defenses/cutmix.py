@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from poisonbench.attacks.crafting import rank_world
 from poisonbench.defenses.base import Defense, check_class_labels, register_defense
-from poisonbench.defenses.randomness import numpy_stream
+from poisonbench.defenses.randomness import BatchDraws, numpy_stream
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.params import ranged
 
@@ -57,20 +56,14 @@ def cut_box(height: int, width: int, lam: float, rng) -> tuple[int, int, int, in
 
 
 @register_defense(NAME, CutMixParams)
-class CutMix(Defense):
+class CutMix(BatchDraws, Defense):
     """Half the batches get one box of another image of the batch, with mixed labels."""
-
-    def __init__(self, params=None) -> None:
-        super().__init__(params)
-        self.calls = 0
 
     def on_train_batch(self, model: ImageClassifier, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_class_labels(NAME, labels)
         params = self.params
-        rank, _ = rank_world()
-        rng = numpy_stream(NAME, params.seed, rank, self.calls)
-        self.calls += 1
+        rng = numpy_stream(*self.batch_keys(NAME, params.seed))
         if rng.random() >= params.prob:
             return images, labels
         lam = float(rng.beta(params.alpha, params.alpha))

@@ -36,9 +36,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from poisonbench.attacks.crafting import rank_world
 from poisonbench.defenses.base import Defense, check_class_labels, register_defense
-from poisonbench.defenses.randomness import numpy_stream
+from poisonbench.defenses.randomness import BatchDraws, numpy_stream
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.params import ranged
 
@@ -94,20 +93,14 @@ def fill_value(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @register_defense(NAME, MaxupParams)
-class Maxup(Defense):
+class Maxup(BatchDraws, Defense):
     """Each sample trains on the worst of ``copies`` Cutout copies."""
-
-    def __init__(self, params=None) -> None:
-        super().__init__(params)
-        self.calls = 0
 
     def on_train_batch(self, model: ImageClassifier, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_class_labels(NAME, labels)
         params = self.params
-        rank, _ = rank_world()
-        rng = numpy_stream(NAME, params.seed, rank, self.calls)
-        self.calls += 1
+        rng = numpy_stream(*self.batch_keys(NAME, params.seed))
         copies = cutout_copies(images, params.copies, params.cutout, fill_value(model, images), rng)
         worst = worst_copies(model, copies, labels)
         chosen = copies[worst, torch.arange(images.shape[0], device=images.device)]

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from poisonbench.attacks.crafting import rank_world
 from poisonbench.defenses.adversarial_poisoning import split
 from poisonbench.defenses.base import Defense, register_defense
-from poisonbench.defenses.randomness import torch_stream
+from poisonbench.defenses.randomness import BatchDraws, torch_stream
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.params import ranged
 
@@ -45,19 +44,13 @@ class RandomNoiseParams:
 
 
 @register_defense(NAME, RandomNoiseParams)
-class RandomNoise(Defense):
+class RandomNoise(BatchDraws, Defense):
     """A random ⌊p·B⌋ of each batch moved by ±ε per value (Bernoulli signs)."""
-
-    def __init__(self, params=None) -> None:
-        super().__init__(params)
-        self.calls = 0
 
     def on_train_batch(self, model: ImageClassifier, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.params
-        rank, _ = rank_world()
-        generator = torch_stream(images.device, NAME, params.seed, rank, self.calls)
-        self.calls += 1
+        generator = torch_stream(images.device, *self.batch_keys(NAME, params.seed))
         poisons, _ = split(labels, params.p, generator)
         if poisons.numel() == 0:
             return images, labels

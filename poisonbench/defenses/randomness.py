@@ -12,6 +12,8 @@ import hashlib
 import numpy as np
 import torch
 
+from poisonbench.attacks.crafting import rank_world
+
 
 def stream_seed(*keys: object) -> int:
     """A 63-bit seed that is a function of ``keys`` only (their ``str``), stable across
@@ -28,3 +30,17 @@ def torch_stream(device: torch.device | str, *keys: object) -> torch.Generator:
 def numpy_stream(*keys: object) -> np.random.Generator:
     """A NumPy generator seeded by ``keys`` (for scalar draws torch cannot seed, e.g. Beta)."""
     return np.random.default_rng(stream_seed(*keys))
+
+
+class BatchDraws:
+    """Mixin of a per-batch defense: the keys of each batch's stream, (its name, its
+    ``seed``, the DDP rank, the batches it has handled so far), so each rank draws its
+    own and a run is reproducible rank by rank. The count restarts with the process."""
+
+    calls: int = 0  # batches handled (per instance once the first one is drawn)
+
+    def batch_keys(self, name: str, seed: int) -> tuple:
+        rank, _ = rank_world()
+        keys = (name, seed, rank, self.calls)
+        self.calls += 1
+        return keys
