@@ -38,6 +38,9 @@ class CountingHooks:
     def on_before_optimizer_step(self, model, optimizer) -> None:
         self.steps += 1
 
+    def on_train_epoch_start(self, epoch: int) -> None:
+        pass
+
 
 def matching_input(digits, defense: str = "none", hooks: bool = False, seed: int = 3, **params):
     """gradient_matching's params and input against a small_cnn victim with ``defense``

@@ -110,7 +110,10 @@ class _Recorder(Defense):
 
     def __init__(self) -> None:
         super().__init__()
-        self.batches, self.steps = [], []
+        self.batches, self.steps, self.epochs = [], [], []
+
+    def on_train_epoch_start(self, epoch):
+        self.epochs.append(epoch)
 
     def on_train_batch(self, model, images, labels):
         self.batches.append((images.dtype, float(images.min()), float(images.max()), tuple(images.shape), model.training))
@@ -129,7 +132,7 @@ def test_victim_calls_the_batch_and_step_hooks(digits):
     trainer.fit(module, datamodule=PoisonedDataModule(train, test, None, batch_size=64))
     assert recorder.batches == [(torch.float32, recorder.batches[0][1], recorder.batches[0][2], (64, 3, 32, 32), True)]
     assert 0 <= recorder.batches[0][1] <= recorder.batches[0][2] <= 1
-    assert recorder.steps == [True]
+    assert recorder.steps == [True] and recorder.epochs == [0]
     with pytest.raises(ConfigError, match="linear_eval"):
         VictimModule(build_model("small_cnn", 10), 10, TRAIN, scenario="linear_eval")
 

@@ -238,7 +238,7 @@ def test_maxup_defense_returns_the_worst_cutout_copy_and_keeps_batchnorm_statist
     images, labels = _batch(16)
     model = _model()
     buffers = [b.clone() for b in model.buffers()]
-    defense = build_defense("maxup")
+    defense = build_defense("maxup", {"warmup_epochs": 0})
     out, out_labels = defense.on_train_batch(model, images, labels)
     assert torch.equal(out_labels, labels) and model.training
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # no running-statistics update
@@ -257,6 +257,16 @@ def test_maxup_defense_returns_the_worst_cutout_copy_and_keeps_batchnorm_statist
         assert torch.allclose(copies[k][:, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1],
                               fill.expand(16, 3, len(rows), len(cols)))
     assert torch.equal(images, _batch(16)[0])  # the input batch is never written
+
+
+def test_maxup_trains_undefended_through_its_warm_up_epochs():
+    images, labels = _batch(16)
+    model = _model()
+    defense = build_defense("maxup")  # the authors' 5 warm-up epochs
+    for epoch, defended in [(0, False), (4, False), (5, True), (6, True)]:
+        defense.on_train_epoch_start(epoch)
+        out, _ = defense.on_train_batch(model, images, labels)
+        assert (out is not images) == defended and (not torch.equal(out, images)) == defended
 
 
 # ------------------------------------------------------------------ jobs

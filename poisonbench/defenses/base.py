@@ -94,6 +94,9 @@ class Defense:
     def on_before_optimizer_step(self, model: ImageClassifier, optimizer: torch.optim.Optimizer) -> None:
         """Change ``p.grad`` of the model's parameters in place before the step."""
 
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Training enters ``epoch`` (0-based; also after a resume from a checkpoint)."""
+
     def prepare_model(self, model: ImageClassifier, num_classes: int, *, config: Mapping | None = None,
                       data_root: str | None = None) -> ImageClassifier:
         """The network to train (the victim as built, or a replacement). ``config`` is the

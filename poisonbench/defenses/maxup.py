@@ -19,8 +19,8 @@ batch of B images:
 Not the authors' ``Maxup``: theirs averages the loss over all copies (its worst-case
 branch only runs for mixing augmentations with a λ, and its reshape pairs a sample with
 the wrong copies), and its Cutout writes into the batch in place, so the four copies
-accumulate boxes. Theirs also skips the first 5 epochs (``warmup_epochs``); the
-per-batch hook does not know the epoch, so here every batch is defended.
+accumulate boxes. As theirs, the first ``warmup_epochs`` (5 of the paper's 40) train
+undefended.
 
 ``cutout`` = 0.5: 16×16 boxes at 32×32, DeVries & Taylor's CIFAR-10 size and what the
 authors' 0.66 area factor aims at ("sqrt(1 − 0.66) · 28 ≈ 16"). The box centres come
@@ -49,6 +49,7 @@ class MaxupParams:
     copies: int = ranged(4, 1, None)  # augmented copies per sample (App. C.3: four)
     cutout: float = ranged(0.5, 0, 1, low_open=True)  # Cutout box side / image side (16 px at 32)
     seed: int = ranged(0, 0, None)  # of the box centres
+    warmup_epochs: int = ranged(5, 0, None)  # undefended epochs first (the authors' warmup_epochs)
 
 
 def cutout_copies(images: torch.Tensor, copies: int, side: float, fill: torch.Tensor, rng) -> torch.Tensor:
@@ -94,12 +95,19 @@ def fill_value(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @register_defense(NAME, MaxupParams)
 class Maxup(BatchDraws, Defense):
-    """Each sample trains on the worst of ``copies`` Cutout copies."""
+    """Each sample trains on the worst of ``copies`` Cutout copies, after the warm-up."""
+
+    epoch = 0
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def on_train_batch(self, model: ImageClassifier, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_class_labels(NAME, labels)
         params = self.params
+        if self.epoch < params.warmup_epochs:
+            return images, labels
         rng = numpy_stream(*self.batch_keys(NAME, params.seed))
         copies = cutout_copies(images, params.copies, params.cutout, fill_value(model, images), rng)
         worst = worst_copies(model, copies, labels)

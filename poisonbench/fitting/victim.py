@@ -39,12 +39,15 @@ TRAINED_SCENARIOS = ("scratch", "finetune", "transfer")
 
 
 class TrainingHooks(Protocol):
-    """What a defense may do inside training: replace the batch, touch the gradients."""
+    """What a defense may do inside training: replace the batch, touch the gradients,
+    know the epoch."""
 
     def on_train_batch(self, model: torch.nn.Module, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def on_before_optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def on_train_epoch_start(self, epoch: int) -> None: ...
 
 
 class VictimModule(L.LightningModule):
@@ -96,6 +99,8 @@ class VictimModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         if self.scenario == "transfer":
             self.model.backbone.eval()
+        if self.defense is not None:
+            self.defense.on_train_epoch_start(self.current_epoch)
 
     # ----------------------------------------------------------------- steps
     def forward(self, images: torch.Tensor) -> torch.Tensor:
