@@ -49,14 +49,28 @@ def translate_flip(images: torch.Tensor, max_shift: int = 4, generator: torch.Ge
     et al. 2021 / Fowl et al. 2021b, "differentiable data augmentation"): the gradient
     reaches every pixel that was moved, not only a gathered subset.
     """
-    n, _, h, w = images.shape
-    device = images.device
+    shifts, flips = translate_flip_draws(images.shape[0], max_shift, generator, images.device, flip)
+    return translate_flip_apply(images, shifts, flips)
+
+
+def translate_flip_draws(n: int, max_shift: int = 4, generator: torch.Generator | None = None,
+                         device: torch.device | str = "cpu", flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``translate_flip`` draws for a batch of ``n``: shifts [n, 2] in pixels and flips
+    [n] (bool), on ``device``. A rank that holds some rows of a batch draws for the whole
+    batch and applies its rows' draws (``translate_flip_apply``), so each image moves as it
+    does when one process augments the batch."""
     # Drawn where the generator lives (a unit's CPU stream may drive a GPU batch), then moved.
     draw = generator.device if generator is not None else device
     shifts = ((torch.rand(n, 2, generator=generator, device=draw) * 2 - 1) * max_shift).to(device)
     flips = (torch.rand(n, generator=generator, device=draw) < 0.5).to(device) if flip \
         else torch.zeros(n, dtype=torch.bool, device=device)
-    theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
+    return shifts, flips
+
+
+def translate_flip_apply(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """``images`` translated by ``shifts`` and flipped where ``flips`` (one row each)."""
+    n, _, h, w = images.shape
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
     theta[:, 0, 0] = torch.where(flips, -1.0, 1.0)
     theta[:, 1, 1] = 1.0
     # affine_grid works in [-1, 1] coordinates: a shift of s pixels is 2s / size.
