@@ -18,6 +18,14 @@ ranks). How an attack uses the ranks is declared when it is registered (``ranks`
   whole batches of the one-rank run with their own random streams, on rank 0's
   model; tests/test_distributed_crafting.py checks 2 ranks against 1). So the cache
   key is the one-device key, and a job on one GPU finds a store crafted on eight.
+- ``summed``: its ranks share the work of each step and add their parts with
+  ``crafting.reduce_sum`` (``gradient_matching``: each rank differentiates a slice of
+  the poisons, the parameter gradients are summed over the ranks). The store is the
+  one-device store up to the order of floating-point additions, not bit for bit (on
+  GPUs, non-deterministic kernels leave even two one-device runs that far apart), so it
+  keeps the one-device key as well. An attack may give a ``prepare(inp, params)`` that
+  the caller runs on the first device before the ranks start (gradient matching trains
+  its surrogate there, once, so that every rank reads the same cached model).
 
 What its stores may claim is declared too, and ``check_store`` holds every store to it
 (on every cache hit and after every craft): the store's attack, params, seed, dataset
@@ -81,7 +89,7 @@ from poisonbench.registry import Registry
 log = logging.getLogger(__name__)
 
 CraftFn = Callable[[ImageSet, Any, int, torch.device], PoisonStore]
-RANKS = ("one", "invariant")  # how an attack uses several devices (module docstring)
+RANKS = ("one", "invariant", "summed")  # how an attack uses several devices (module docstring)
 BUDGET_NORMS = ("linf", "l2", "l0")  # the ball of an attack's budget param (module docstring)
 VICTIM_USES = ("none", "recipe", "adaptive")  # what of the victim an integrity attack's store depends on
 # Params that say what of the victim an attack uses, not how it crafts: the victim part of
@@ -163,13 +171,15 @@ class Attack:
     # Parameters of a smoke run (--fast-dev-run, registry tests): the same code path at a
     # tiny cost (a few steps, a tiny crafting model). Never used for a measurement.
     smoke: dict = dataclasses.field(default_factory=dict)
-    ranks: str = "one"  # one | invariant: how it uses several devices (module docstring)
+    ranks: str = "one"  # one | invariant | summed: how it uses several devices (module docstring)
     norm: str = "linf"  # the ball of its budget param: linf | l2 (module docstring, ``budget``)
     budget_param: str = "eps"  # the param that is its budget; absent from its params: it changes nothing
     keeps_labels: bool = True  # clean-label: its stores keep every training label
     integrity: bool = False  # craft(inp: AttackInput, params) against inp.target (module docstring)
     victim: str = "none"  # none | recipe | adaptive: what of inp.victim (and inp.defense) its store depends on
     targets: int | None = 1  # test images of the target class a trial draws for it (None: all, up to 1000)
+    # Run by the caller on the first device before several ranks start (module docstring).
+    prepare: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self) -> None:
         if self.ranks not in RANKS:
@@ -178,8 +188,6 @@ class Attack:
             raise ValueError(f"attack {self.name!r}: norm must be one of {', '.join(BUDGET_NORMS)}, got {self.norm!r}")
         if self.victim not in VICTIM_USES:
             raise ValueError(f"attack {self.name!r}: victim must be one of {', '.join(VICTIM_USES)}, got {self.victim!r}")
-        if self.integrity and self.ranks != "one":
-            raise ValueError(f"attack {self.name!r}: integrity attacks craft on one device (ranks='one')")
 
     def budget(self, params: Any, image_shape: tuple[int, ...]) -> tuple[str, float]:
         """The (norm, eps) its stores must declare for ``params`` on images of ``image_shape``
@@ -214,7 +222,13 @@ class Attack:
             seed = 0
         inp = self.input(imageset, seed, device)
         if self.integrity:
-            store = self.craft_fn(dataclasses.replace(inp, device=self.devices(inp.device)[0]), params)
+            devices = self.devices(inp.device)
+            if len(devices) == 1:
+                store = self.craft_fn(dataclasses.replace(inp, device=devices[0]), params)
+            else:
+                if self.prepare is not None:
+                    self.prepare(dataclasses.replace(inp, device=devices[0]), params)
+                store = run_ranks(_craft_integrity, devices, self.craft_fn, inp, params)
             store.verify(inp.train, inp.test)
             check_store(store, self, params, inp.seed, inp.train, inp.target)
             return store
@@ -283,6 +297,11 @@ class Attack:
         return draw_target(train, test, seed, float(params.budget), targets=self.targets)
 
 
+def _craft_integrity(craft_fn: IntegrityCraftFn, inp: AttackInput, params: Any, device: torch.device) -> PoisonStore:
+    """One rank of an integrity attack's craft (``run_ranks`` adds the rank's device)."""
+    return craft_fn(dataclasses.replace(inp, device=device), params)
+
+
 def file_digests(params: Any) -> dict[str, str]:
     """sha256 of every existing file named by a ``*_file`` param of ``params``."""
     if params is None or not dataclasses.is_dataclass(params):
@@ -301,16 +320,19 @@ ATTACKS: Registry[Attack] = Registry("attack")
 def register_attack(name: str, params_type: type, version: int = 1,
                     smoke: dict | None = None, ranks: str = "one", norm: str = "linf",
                     budget_param: str = "eps", keeps_labels: bool = True, integrity: bool = False,
-                    victim: str = "none", targets: int | None = 1) -> Callable[[CraftFn], CraftFn]:
+                    victim: str = "none", targets: int | None = 1,
+                    prepare: Callable[[Any, Any], None] | None = None) -> Callable[[CraftFn], CraftFn]:
     """Register ``craft_fn`` under ``name`` with its hyperparameter dataclass (the
     parameters of its smoke run, how it uses several devices: ``ranks``, and what its
     stores may change: ``norm``, ``budget_param``, ``keeps_labels``). ``integrity``: its
     craft function is ``craft(inp: AttackInput, params)`` (module docstring), its store
-    depends on ``victim`` of the input, and a trial draws ``targets`` target images."""
+    depends on ``victim`` of the input, and a trial draws ``targets`` target images.
+    ``prepare``: run by the caller before several ranks start (module docstring)."""
 
     def add(craft_fn: CraftFn) -> CraftFn:
         ATTACKS.register(name)(Attack(name, params_type, craft_fn, version, dict(smoke or {}), ranks,
-                                      norm, budget_param, bool(keeps_labels), bool(integrity), victim, targets))
+                                      norm, budget_param, bool(keeps_labels), bool(integrity), victim, targets,
+                                      prepare))
         return craft_fn
 
     return add

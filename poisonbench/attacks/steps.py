@@ -90,7 +90,12 @@ def signed_adam_restarts(description: str, clean: torch.Tensor, eps: float, *, s
     unit)``); returns the δ of the restart with the lowest last-step loss (a loss that is
     not a number loses against any that is). Every step is a unit of ``crafting``: the
     checkpoint holds δ, Adam's moments and the best restart so far, so a resumed craft
-    computes what an uninterrupted one does."""
+    computes what an uninterrupted one does.
+
+    On several ranks (an attack whose ``step_gradient`` shards the work and returns the
+    whole gradient on every rank) δ and Adam's state are the same on every rank, so the
+    checkpoint is ``shared``: rank 0 writes the one-rank file, and a craft may resume on
+    another number of ranks. On one rank that is the plain checkpoint."""
     device = clean.device
     ctx = crafting.context()
 
@@ -98,7 +103,7 @@ def signed_adam_restarts(description: str, clean: torch.Tensor, eps: float, *, s
         gen = crafting.unit_generator(seed, 10**6 + restart, device)
         return SignedAdam(clean, eps, lr=lr, init=init, milestones=milestones, scale=scale, generator=gen)
 
-    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s)
+    checkpoint = crafting.Checkpoint(ctx.checkpoint, ctx.every_s, shared=True)
     first, best, best_loss, tensors = 0, None, math.inf, {}
     resumed = checkpoint.load()
     if resumed is not None:

@@ -184,9 +184,10 @@ def precraft(jobs: list[Job], data_root: str | None, console: Console, gpus: lis
 
     With ``gpus`` (the ids of ``--gpus``, each counted once however many workers share
     it), a store is crafted on them: on all of them as the ranks of one run when its
-    attack shards (``ranks="invariant"``: the store is the one a job would craft on one
-    device), else on the first. Without ``gpus``, or on a machine without CUDA (where the
-    jobs train on the CPU too), on the CPU.
+    attack shards (``ranks`` ``invariant`` or ``summed``: the store is the one a job would
+    craft on one device, up to summation order for ``summed``), else on the first.
+    Without ``gpus``, or on a machine without CUDA (where the jobs train on the CPU
+    too), on the CPU.
     """
     import torch
 
@@ -201,7 +202,7 @@ def precraft(jobs: list[Job], data_root: str | None, console: Console, gpus: lis
         if task is None or task.key in seen:
             continue
         seen.add(task.key)
-        on = devices if ATTACKS.get(task.attack).ranks == "invariant" else devices[:1]
+        on = devices if ATTACKS.get(task.attack).ranks != "one" else devices[:1]
         where = ", ".join(str(d) for d in on)
         console.print(f"crafting {task.attack} on {task.dataset} (seed {task.poison_seed}) on {where}")
         # On the CPU with the jobs' thread count: the store is the one a job would craft.
