@@ -29,7 +29,27 @@ is that same step here (``steps.SignedAdam``); ``scale="pixel"`` applies lr to p
 Resumable: every step is a unit of ``crafting`` whose randomness (the augmentation) is
 drawn from ``unit_generator(seed, unit)``; the checkpoint holds δ, Adam's moments and
 the best restart so far, so a resumed craft computes what an uninterrupted one does.
-One device (``ranks="one"``).
+
+Several devices (``ranks="summed"``, ``--devices cpu,cpu`` or ``cuda:0,cuda:1``): the
+caller trains the surrogate once before the ranks start (``prepare``; each rank then
+reads the cached model, and rank 0's weights and target gradient are broadcast). Every
+rank holds the whole δ and its signed-Adam state; each step, rank r differentiates the
+poisons r, r + world, … of every batch (``crafting.shard``), with the augmentation
+drawn for the whole batch so each image moves as on one device:
+  - its part of the batch's poison gradient, ∇θ Σ_{i in slice} CE_i / (batch size),
+    with its graph kept; the parts are summed over the ranks (``reduce_sum``) into the
+    batch's g_p, the one-device gradient up to the order of the sums;
+  - the matching loss of g_p and its gradient w.r.t. g_p, the same on every rank;
+  - that gradient back through its own slice's graph: d loss / dδ_i for its poisons i,
+    since the loss depends on δ_i only through its own term of the sum;
+  - the slices' rows all-gathered (``gather``), so each rank takes the same Adam step.
+The store is the one-device store up to floating-point summation order: splitting a
+batch changes the order in which the per-image gradients add up (in the convolutions'
+weight gradients and in the all-reduce), and signed Adam turns an entry whose gradient
+is within rounding of zero into a full step either way
+(tests/test_distributed_crafting.py says how far apart the two stores are). One device
+runs the code it ran before, bit for bit. The checkpoint is shared (rank 0 writes the
+one-rank file), so a craft resumes on any number of ranks.
 
 Deviations, written down here and in the tables' notes: the shift of the
 differentiable augmentation pads with black (the authors' pads with the mean colour);
@@ -41,6 +61,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from poisonbench.attacks import crafting
@@ -49,7 +70,7 @@ from poisonbench.attacks.gradients import MATCHING_LOSSES, gradient_norm, matchi
 from poisonbench.attacks.quantize import add_levels, round_linf
 from poisonbench.attacks.steps import INITS, signed_adam_restarts
 from poisonbench.attacks.surrogate import check_surrogate_keys, surrogate_spec, trained_model
-from poisonbench.data.augment import translate_flip
+from poisonbench.data.augment import translate_flip, translate_flip_apply, translate_flip_draws
 from poisonbench.data.store import PoisonStore
 from poisonbench.data.targets import poison_count
 from poisonbench.errors import ConfigError
@@ -139,6 +160,46 @@ def step_loss(model, clean: torch.Tensor, delta: torch.Tensor, labels: torch.Ten
     return total, sum(losses) / len(losses)
 
 
+def sharded_step_loss(model, clean: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, target_grad,
+                      target_norm: torch.Tensor, params: GradientMatchingParams,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, float]:
+    """``step_loss`` on several ranks (module docstring, "Several devices"): this rank
+    differentiates its slice of every batch; returns the whole gradient and the mean
+    batch loss, the same on every rank."""
+    n, device = clean.shape[0], clean.device
+    mine = crafting.shard(n).to(device)  # the poisons of this rank, ascending
+    local = delta.detach()[mine].requires_grad_(True)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in weights]
+    total, losses = torch.zeros_like(local), []
+    for part in _poison_batches(n, params.batch_size):
+        count = part.stop - part.start
+        if params.augment:  # the whole batch's draws, on every rank
+            shifts, flips = translate_flip_draws(count, params.max_shift, generator, device)
+        rows = ((mine >= part.start) & (mine < part.stop)).nonzero().flatten()  # this rank's rows of the batch
+        grads = None
+        if rows.numel():
+            inputs = clean[mine[rows]] + local[rows]
+            if params.augment:
+                at = mine[rows] - part.start
+                inputs = translate_flip_apply(inputs, shifts[at], flips[at])
+            # Its part of the batch's mean cross-entropy: the parts sum to the mean.
+            part_loss = F.cross_entropy(model(inputs), labels[mine[rows]], reduction="sum") / count
+            grads = torch.autograd.grad(part_loss, weights, create_graph=True)
+            flat = torch.cat([g.detach().flatten() for g in grads])
+        else:  # a last batch smaller than the world: nothing of it here, but the sum is collective
+            flat = torch.zeros(sum(sizes), device=device, dtype=clean.dtype)
+        summed = crafting.reduce_sum(flat)
+        poison_grad = tuple(piece.view_as(w).requires_grad_(True) for piece, w in zip(summed.split(sizes), weights))
+        loss = matching_loss(poison_grad, target_grad, params.loss, target_norm)
+        outer = torch.autograd.grad(loss, poison_grad)  # d loss / d g_p: the same on every rank
+        if grads is not None:
+            (grad,) = torch.autograd.grad(grads, local, grad_outputs=outer)
+            total += grad
+        losses.append(float(loss.detach()))
+    return crafting.gather(total, n), sum(losses) / len(losses)
+
+
 def poison_loss(model, poisons: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, adversarial: torch.Tensor,
                 kind: str = "cosine") -> float:
     """The matching loss of ``poisons`` (float pixels, no augmentation) against the target's
@@ -148,11 +209,31 @@ def poison_loss(model, poisons: torch.Tensor, labels: torch.Tensor, target: torc
     return float(matching_loss(grads, target_grad, kind))
 
 
+def surrogate(inp: AttackInput, params: GradientMatchingParams, device: torch.device) -> torch.nn.Module:
+    """The model the poisons are crafted on (module docstring, 1): the victim's base model
+    when it fine-tunes or transfers, else the surrogate trained on the clean set (cached)."""
+    if inp.victim is not None and inp.victim.scenario != "scratch":
+        return base_surrogate(inp, inp.train.num_classes, device)
+    model_name, model_params, recipe = surrogate_spec(inp.victim, params.surrogate, "gradient_matching")
+    surrogate_seed = inp.seed if params.surrogate_seed is None else int(params.surrogate_seed)
+    model, _ = trained_model(inp.train, model_name, model_params, "relu", recipe, surrogate_seed, device,
+                             progress=crafting.context().progress,
+                             defense=inp.defense if params.adaptive else None)
+    return model
+
+
+def prepare(inp: AttackInput, params: GradientMatchingParams) -> None:
+    """Before several ranks start: the surrogate trained (or found) once, in the caller,
+    so that each rank reads the cached model instead of training its own."""
+    surrogate(inp, params, torch.device(inp.device))
+
+
 SMOKE = {"steps": 2, "batch_size": 64,
          "surrogate": {"model": "small_cnn", "model_params": {"width": 4, "pool": 1}, "epochs": 1}}
 
 
-@register_attack("gradient_matching", GradientMatchingParams, smoke=SMOKE, integrity=True, victim="adaptive")
+@register_attack("gradient_matching", GradientMatchingParams, smoke=SMOKE, integrity=True, victim="adaptive",
+                 ranks="summed", prepare=prepare)
 def craft(inp: AttackInput, params: GradientMatchingParams) -> PoisonStore:
     train, target, device = inp.train, inp.target, torch.device(inp.device)
     if inp.test is None:
@@ -161,20 +242,15 @@ def craft(inp: AttackInput, params: GradientMatchingParams) -> PoisonStore:
     if len(target.poison_index) != count:
         raise ConfigError(f"the trial's target has {len(target.poison_index)} poison images; gradient_matching "
                           f"with budget {params.budget:g} needs {count}")
-    ctx = crafting.context()
-    if inp.victim is not None and inp.victim.scenario != "scratch":
-        model = base_surrogate(inp, train.num_classes, device)
-    else:
-        model_name, model_params, recipe = surrogate_spec(inp.victim, params.surrogate, "gradient_matching")
-        surrogate_seed = inp.seed if params.surrogate_seed is None else int(params.surrogate_seed)
-        model, _ = trained_model(train, model_name, model_params, "relu", recipe, surrogate_seed, device,
-                                 progress=ctx.progress, defense=inp.defense if params.adaptive else None)
+    _, world = crafting.rank_world()
+    model = surrogate(inp, params, device)
+    crafting.broadcast_module(model)  # rank 0's weights on every rank (nothing on one)
     model.eval()  # BatchNorm's running statistics, as the authors' victim.eval()
 
     targets = torch.tensor(target.target_index, dtype=torch.int64)
     x_t = inp.test.images[targets].to(device).float().div_(255)
     y_t = torch.full((len(targets),), target.adversarial_class, dtype=torch.int64, device=device)
-    target_grad = tuple(g.detach() for g in parameter_gradient(model, x_t, y_t))
+    target_grad = tuple(crafting.broadcast_(g.detach()) for g in parameter_gradient(model, x_t, y_t))
     target_norm = gradient_norm(target_grad)
 
     index = torch.tensor(target.poison_index, dtype=torch.int64)
@@ -185,8 +261,8 @@ def craft(inp: AttackInput, params: GradientMatchingParams) -> PoisonStore:
     best = signed_adam_restarts(
         "gradient matching steps", clean, params.eps, steps=params.steps, restarts=params.restarts, lr=params.lr,
         init=params.init, milestones=params.milestones, scale=scale, seed=inp.seed,
-        step_gradient=lambda delta, generator: step_loss(model, clean, delta, labels, target_grad, target_norm,
-                                                         params, generator))
+        step_gradient=lambda delta, generator: (step_loss if world == 1 else sharded_step_loss)(
+            model, clean, delta, labels, target_grad, target_norm, params, generator))
 
     levels = round_linf(best.cpu(), params.eps)
     targets_store = targets.clone()
