@@ -69,11 +69,14 @@ def stop_after_unit_1(unit: int) -> None:
 # ------------------------------------------------------------ run in the ranks
 
 
-def step_setup(digits, batch_size: int):
-    """A random small_cnn, 9 digits with a random δ, a target gradient: one matching step's inputs."""
+def step_setup(digits, batch_size: int, transfer: bool = False):
+    """A random small_cnn, 9 digits with a random δ, a target gradient: one matching step's
+    inputs (with ``transfer``, of the linear layer alone, as against a transfer victim)."""
     train, test = digits
     torch.manual_seed(0)
     model = build_model("small_cnn", train.num_classes, width=4, pool=1).eval()
+    if transfer:
+        model.backbone.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     clean = train.images[:9].float() / 255
     delta = (torch.rand(clean.shape, generator=g) * 2 - 1) * 16 / 255
@@ -91,9 +94,11 @@ def sharded_step(model, clean, delta, labels, target_grad, params, device):
 # ------------------------------------------------------------------ tests
 
 
-@pytest.mark.parametrize("batch_size, loss", [(4, "cosine"), (512, "cosine"), (4, "se")])
-def test_a_sharded_step_is_the_one_process_step_up_to_summation_order(digits, one_thread, batch_size, loss):
-    model, clean, delta, labels, target_grad, params = step_setup(digits, batch_size)
+@pytest.mark.parametrize("batch_size, loss, transfer", [(4, "cosine", False), (512, "cosine", False),
+                                                        (4, "se", False), (4, "se", True)])
+def test_a_sharded_step_is_the_one_process_step_up_to_summation_order(digits, one_thread, batch_size, loss,
+                                                                      transfer):
+    model, clean, delta, labels, target_grad, params = step_setup(digits, batch_size, transfer)
     params = dataclasses.replace(params, loss=loss)
     want, want_loss = step_loss(model, clean, delta, labels, target_grad, gradient_norm(target_grad), params,
                                 crafting.unit_generator(5, 0))

@@ -30,12 +30,13 @@ Resumable: every step is a unit of ``crafting`` whose randomness (the augmentati
 drawn from ``unit_generator(seed, unit)``; the checkpoint holds δ, Adam's moments and
 the best restart so far, so a resumed craft computes what an uninterrupted one does.
 
-Several devices (``ranks="summed"``, ``--devices cpu,cpu`` or ``cuda:0,cuda:1``): the
-caller trains the surrogate once before the ranks start (``prepare``; each rank then
-reads the cached model, and rank 0's weights and target gradient are broadcast). Every
-rank holds the whole δ and its signed-Adam state; each step, rank r differentiates the
-poisons r, r + world, … of every batch (``crafting.shard``), with the augmentation
-drawn for the whole batch so each image moves as on one device:
+Several devices (``ranks="summed"``: a device list such as ``cpu,cpu`` or
+``cuda:0,cuda:1`` given to ``Attack.craft`` or ``craft_cached``; a job crafts on its one
+device): the caller trains the surrogate once before the ranks start (``prepare``; each
+rank then reads the cached model, and rank 0's weights and target gradient are
+broadcast). Every rank holds the whole δ and its signed-Adam state; each step, rank r
+differentiates the poisons r, r + world, … of every batch (``crafting.shard``), with the
+augmentation drawn for the whole batch so each image moves as on one device:
   - its part of the batch's poison gradient, ∇θ Σ_{i in slice} CE_i / (batch size),
     with its graph kept; the parts are summed over the ranks (``reduce_sum``) into the
     batch's g_p, the one-device gradient up to the order of the sums;
@@ -43,12 +44,14 @@ drawn for the whole batch so each image moves as on one device:
   - that gradient back through its own slice's graph: d loss / dδ_i for its poisons i,
     since the loss depends on δ_i only through its own term of the sum;
   - the slices' rows all-gathered (``gather``), so each rank takes the same Adam step.
-The store is the one-device store up to floating-point summation order: splitting a
-batch changes the order in which the per-image gradients add up (in the convolutions'
-weight gradients and in the all-reduce), and signed Adam turns an entry whose gradient
-is within rounding of zero into a full step either way
-(tests/test_distributed_crafting.py says how far apart the two stores are). One device
-runs the code it ran before, bit for bit. The checkpoint is shared (rank 0 writes the
+Each step's gradient is the one-device gradient up to floating-point summation order
+(splitting a batch changes the order in which the per-image gradients add up, in the
+convolutions' weight gradients and in the all-reduce; tests/test_distributed_gradient_matching.py).
+Not the store bit for bit: signed Adam turns an entry whose gradient is within rounding
+of zero into a full step either way, so over a long craft the two trajectories drift
+apart pixel by pixel while reaching the same matching loss (as two one-GPU runs do
+through non-deterministic kernels); the store keeps the one-device key. One device runs
+the code it ran before, bit for bit. The checkpoint is shared (rank 0 writes the
 one-rank file), so a craft resumes on any number of ranks.
 
 Deviations, written down here and in the tables' notes: the shift of the
