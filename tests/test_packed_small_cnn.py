@@ -108,7 +108,8 @@ def test_packed_training_is_bit_identical(train_set, width, pool):
 
 @pytest.mark.slow
 def test_whole_cpu_recipe_packed_equals_separate():
-    result = compare_recipe([0, 1, 2])
+    # Two trials of 15 epochs each way: 155 s on the shared 2-core machine under load (load average 9).
+    result = compare_recipe([0, 1])
     assert result["identical"]
     assert result["packed_acc"] == result["separate_acc"]
     assert min(result["packed_acc"]) > 80
