@@ -39,7 +39,8 @@ def test_shapes_unpack_and_checks():
     assert torch.equal(models[0].head.weight, before)
     # seeds make distinct models, and the same seeds the same ones
     again = PackedSmallCNN.from_seeds([0, 1, 2], 10, width=8, pool=2)
-    assert torch.equal(again.trials[1].head.weight, PackedSmallCNN.from_seeds([1], 10, width=8, pool=2).trials[0].head.weight)
+    alone = PackedSmallCNN.from_seeds([1], 10, width=8, pool=2)
+    assert torch.equal(again.trials[1].head.weight, alone.trials[0].head.weight)
     assert not torch.equal(again.trials[0].head.weight, again.trials[1].head.weight)
     loaded = PackedSmallCNN.from_state_dicts([m.state_dict() for m in again.trials], 10, width=8, pool=2)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
