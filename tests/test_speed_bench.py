@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from poisonbench.bench import speed
+from poisonbench.bench import packing_speed, speed
 
 NUMBER = r"([\d,]+(?:\.\d+)?)"
 
@@ -73,7 +73,19 @@ def check_gradient_matching(device: torch.device, capsys) -> None:
            out)
 
 
-CHECKS = [check_crafting_and_projection, check_features, check_lbfgs, check_gradient_matching]
+def check_packing(device: torch.device, capsys) -> None:
+    figures = packing_speed.bench_packing([device], trials=2, steps=1, repeats=1, batch=4,
+                                          model_params={"pool": 1, "width": 4})
+    out = capsys.readouterr().out
+    assert len(figures) == 4 and all(v > 0 for v in figures.values())
+    line = (rf"packing small_cnn \(pool 1, width 4; per-trial middle convs\), {device}[^,]*(?:, 1 thread)?, batch 4, "
+            rf"1 steps, digits with crop and flip: 1 trial {NUMBER} images/s; 2 trials in turn {NUMBER} images/s; "
+            rf"2 trials packed {NUMBER} images/s; packed / in turn {NUMBER} \(median of 1 rounds\)")
+    one, turn, packed, ratio = (figure(line, out, g) for g in (1, 2, 3, 4))
+    assert ratio == pytest.approx(packed / turn, rel=0.02, abs=0.01)
+
+
+CHECKS = [check_crafting_and_projection, check_features, check_lbfgs, check_gradient_matching, check_packing]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))

@@ -51,9 +51,13 @@ Costs on each ``--device`` (no target; what a run will take):
 13. ``feature_collision``: seconds per poison per crafting step of ``poison_frogs``,
    ``bullseye`` and ``convex_polytope`` (their shared step, augmentation on; Convex
    Polytope refits its coefficients every step) against small_cnn and ResNet-18.
+14. ``packing``: training images/s of the cpu profile's small_cnn victim on digits, one
+   trial alone, T trials in turn and T trials packed into one model (grouped
+   convolutions, each trial its own sampler and augmentation stream), and packed / in
+   turn (``poisonbench.bench.packing_speed``).
 
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
-sections 4–13 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+sections 4–14 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
 depend on the device (small on a CPU) and are printed with every figure.
 
@@ -81,9 +85,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from poisonbench.bench.packing_speed import bench_packing
+
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
             "gradient_matching", "training_defenses", "filters", "integrity_crafting",
-            "feature_collision")
+            "feature_collision", "packing")
 MiB, GiB = 2**20, 2**30
 
 
@@ -943,6 +949,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_integrity_crafting(devices)
         elif section == "feature_collision":
             bench_feature_collision(devices)
+        elif section == "packing":
+            bench_packing(devices, repeats=args.repeats)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 
