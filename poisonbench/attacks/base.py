@@ -21,9 +21,11 @@ ranks). How an attack uses the ranks is declared when it is registered (``ranks`
 - ``summed``: its ranks share the work of each step and add their parts with
   ``crafting.reduce_sum`` (``gradient_matching``: each rank differentiates a slice of
   the poisons, the parameter gradients are summed over the ranks). The store is the
-  one-device store up to the order of floating-point additions, not bit for bit (on
-  GPUs, non-deterministic kernels leave even two one-device runs that far apart), so it
-  keeps the one-device key as well. An attack may give a ``prepare(inp, params)`` that
+  one-device store up to the order of floating-point additions, not bit for bit: signed
+  Adam turns a gradient entry within rounding of zero into a whole step, so over a long
+  craft the pixels drift apart at the same loss. Its key therefore names the rank count
+  when there are several: the same command gives the same store, and a one-device job
+  never reads a store that one device would not have made. An attack may give a ``prepare(inp, params)`` that
   the caller runs on the first device before the ranks start (gradient matching trains
   its surrogate there, once, so that every rank reads the same cached model).
 
@@ -417,7 +419,7 @@ def craft_cached(name: str, imageset: ImageSet | AttackInput, params: dict | Non
     then default to the input's.
 
     ``device``: one device, or several as one rank each (``["cuda:0", "cuda:1"]``,
-    ``"cpu,cpu"``; the store, and so its cache key, is the one-device store). An
+    ``"cpu,cpu"``; the key is the one-device key unless the attack's ranks are ``summed``). An
     interrupted crafting run leaves ``<store>.partial.safetensors`` (one
     ``.partial.rankN`` file per rank for per-rank state) beside the store's path; the
     next call resumes from it. Returns the store and the seconds spent crafting (0 on a
@@ -431,8 +433,10 @@ def craft_cached(name: str, imageset: ImageSet | AttackInput, params: dict | Non
     inp = attack.input(imageset, seed, device)
     imageset, seed = inp.train, inp.seed
     devices = attack.devices(inp.device)
-    path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version,
-                      attack.cache_context(inp, full))
+    context = attack.cache_context(inp, full)
+    if attack.ranks == "summed" and len(devices) > 1:  # not the one-device store bit for bit
+        context = {**(context or {}), "ranks": len(devices)}
+    path = cache_path(name, params_dict(full), imageset.name, imageset.fingerprint, seed, attack.version, context)
     partial = path.with_name(path.stem + ".partial.safetensors")
 
     def load(entry: Path) -> PoisonStore:

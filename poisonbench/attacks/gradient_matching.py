@@ -50,7 +50,7 @@ convolutions' weight gradients and in the all-reduce; tests/test_distributed_gra
 Not the store bit for bit: signed Adam turns an entry whose gradient is within rounding
 of zero into a full step either way, so over a long craft the two trajectories drift
 apart pixel by pixel while reaching the same matching loss (as two one-GPU runs do
-through non-deterministic kernels); the store keeps the one-device key. One device runs
+through non-deterministic kernels); the store's key names its rank count. One device runs
 the code it ran before, bit for bit. The checkpoint is shared (rank 0 writes the
 one-rank file), so a craft resumes on any number of ranks.
 
