@@ -186,36 +186,27 @@ def compare_recipe(seeds: Sequence[int], device: torch.device | str = "cpu", epo
         pack = PackedSmallCNN.from_seeds(seeds, data.num_classes, **params).to(device).train()
         alone = [model.train() for model in pack.unpack()]
 
-        def schedule(opt):
-            return torch.optim.lr_scheduler.MultiStepLR(opt, list(train.get("milestones", [])), train.get("gamma", 0.1))
-
-        start = time.perf_counter()
-        for model, stream in zip(alone, trial_streams(images, labels, train["batch_size"], seeds)):
+        def fit(model, streams, loss_of) -> None:  # the recipe's SGD and milestones, one batch per stream per step
             opt = sgd(model.parameters(), train)
-            sched = schedule(opt)
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(train.get("milestones", [])), train.get("gamma", 0.1))
             for _ in range(epochs):
-                for _ in range(stream.steps_per_epoch()):
-                    x, y = next(stream)
-                    loss = F.cross_entropy(model(x), y)
+                for _ in range(streams[0].steps_per_epoch()):
+                    loss = loss_of(model, [next(stream) for stream in streams])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                 sched.step()
+
+        start = time.perf_counter()
+        for model, stream in zip(alone, trial_streams(images, labels, train["batch_size"], seeds)):
+            fit(model, [stream], lambda m, batches: F.cross_entropy(m(batches[0][0]), batches[0][1]))
         _sync(device)
         result["separate_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        streams = trial_streams(images, labels, train["batch_size"], seeds)
-        opt = sgd(pack.parameters(), train)
-        sched = schedule(opt)
-        for _ in range(epochs):
-            for _ in range(streams[0].steps_per_epoch()):
-                x, y = zip(*(next(stream) for stream in streams))
-                loss = packed_cross_entropy(pack(torch.stack(x)), torch.stack(y)).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
+        fit(pack, trial_streams(images, labels, train["batch_size"], seeds),
+            lambda m, batches: packed_cross_entropy(m(torch.stack([x for x, _ in batches])),
+                                                    torch.stack([y for _, y in batches])).sum())
         _sync(device)
         result["packed_s"] = time.perf_counter() - start
 
