@@ -52,6 +52,13 @@ Costs on each ``--device`` (no target; what a run will take):
    ``bullseye`` and ``convex_polytope`` (their shared step, augmentation on; Convex
    Polytope refits its coefficients every step) against small_cnn and ResNet-18.
 
+14. ``gpu``: the GPU path (``poisonbench.bench.gpu_speed``): a ResNet-18 CIFAR-10-shaped
+   epoch through the job path beside a plain PyTorch loop over the same on-device data,
+   with images/s, TFLOP/s and the fraction of the device's peak; the same with K = 1,
+   2, 4, 8 worker processes per GPU; crafting cost per 1,000 images per PGD step in
+   fp32 and bf16. On the first CUDA device of ``--device``; without one, a tiny CPU
+   version.
+
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
 sections 4–13 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
@@ -83,7 +90,7 @@ from torch import nn
 
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
             "gradient_matching", "training_defenses", "filters", "integrity_crafting",
-            "feature_collision")
+            "feature_collision", "gpu")
 MiB, GiB = 2**20, 2**30
 
 
@@ -943,6 +950,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_integrity_crafting(devices)
         elif section == "feature_collision":
             bench_feature_collision(devices)
+        elif section == "gpu":
+            from poisonbench.bench.gpu_speed import bench_gpu
+
+            bench_gpu(devices)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 
