@@ -17,7 +17,8 @@ The network is passed in, not built here. Augmentation (random crop with zero pa
 
 On CUDA (the GPU path; the CPU path is unchanged, bit for bit): the network and its
 inputs in channels_last, fused SGD/Adam, and, with ``train.compile`` (``auto`` = on
-where ``torch.compile`` works), the network's forward compiled; the module and its
+where ``torch.compile`` works, eager where a network fails to compile), the network's
+forward compiled; the module and its
 state dict keep the plain network, so checkpoints and the defenses' hooks see it as
 always. The metrics skip their per-step argument checks (``validate_args=False``).
 A defense acts through two hooks called here (``TrainingHooks``, which
@@ -119,8 +120,13 @@ class VictimModule(L.LightningModule):
         self.channels_last = self.on_cuda
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.compiled = resolve_compile(self.train_cfg.get("compile", "auto"), self.on_cuda)
+        choice = self.train_cfg.get("compile", "auto")
+        self.compiled = resolve_compile(choice, self.on_cuda)
         if self.compiled and self.__dict__["_compiled_model"] is None:
+            if choice == "auto":  # where a network does not compile, it runs eagerly instead of failing
+                import torch._dynamo
+
+                torch._dynamo.config.suppress_errors = True
             self.__dict__["_compiled_model"] = torch.compile(self.model)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
