@@ -208,8 +208,10 @@ def train_round(generator: nn.Module, optimizer: torch.optim.Optimizer, images: 
             loss = F.cross_entropy(classifier(poisoned), y)
             loss.backward()
             cls_optimizer.step()
-            losses.append(float(loss.detach()))
-    return sum(losses) / max(len(losses), 1)
+            losses.append(loss.detach())  # read once at the end: no host sync per step
+    # Each float32 loss as a Python float, summed in order: the sum a per-step float() gave.
+    values = torch.stack(losses).tolist() if losses else []
+    return sum(values) / max(len(values), 1)
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ def provenance(cells: list[CellResult], results: Iterable[Mapping[str, Any]], pr
         },
         "hardware": _distinct(r.get("hardware", {}).get("name") for r in results),
         "threads": _distinct((r.get("hardware") or {}).get("threads") for r in results),
-        "precision": _distinct(((r.get("config") or {}).get("train") or {}).get("precision") for r in results),
+        "precision": _distinct(_precision(r) for r in results),
         "poisonbench_version": version("poisonbench"),
         "commit": version("commit"),
         "versions": {name: version(name) for name in ("torch", "lightning", "numpy")},
@@ -188,7 +188,8 @@ def table_markdown(spec: TableSpec, cells: list[CellResult], prov: Mapping[str, 
         f"- Hardware: {', '.join(prov['hardware']) or NONE}{threads}",
         f"- Libraries: {libraries}",
         f"- Victim precision: {', '.join(prov['precision']) or NONE} (a profile setting; auto is "
-        "bf16-mixed on CUDA and 32-bit on CPU, where the papers' authors trained in 32-bit)",
+        "bf16-mixed on CUDA and 32-bit on CPU, where the papers' authors trained in 32-bit)"
+        + (BF16_DEVIATION if any("bf16" in p for p in prov["precision"]) else ""),
         f"- poisonbench: {versions} (commit {commits})",
         f"- Date: {prov['date'] or NONE} (latest result)",
         f"- Trials: {trials['requested']} per cell requested, {trials['completed']} completed in "
@@ -273,6 +274,20 @@ def _round(value: float | None) -> float | None:
 
 def _raw(value: float | None) -> str:
     return "" if value is None else repr(_round(value))
+
+
+# Said beside the precision when a result trained in bf16.
+BF16_DEVIATION = "; bf16 is a deviation from the authors' fp32"
+
+
+def _precision(result: Mapping[str, Any]) -> str | None:
+    """The victim's precision as the profile set it and, where the result records it
+    (``training.precision``), as it trained: ``auto (bf16-mixed)``."""
+    setting = ((result.get("config") or {}).get("train") or {}).get("precision")
+    trained = (result.get("training") or {}).get("precision")
+    if setting is None or trained is None or str(trained) == str(setting):
+        return setting if setting is not None else trained
+    return f"{setting} ({trained})"
 
 
 def _distinct(values: Iterable[Any]) -> list[str]:

@@ -56,8 +56,15 @@ Costs on each ``--device`` (no target; what a run will take):
    convolutions, each trial its own sampler and augmentation stream), and packed / in
    turn (``poisonbench.bench.packing_speed``).
 
+15. ``gpu``: the GPU path (``poisonbench.bench.gpu_speed``): a ResNet-18 CIFAR-10-shaped
+   epoch through the job path beside a plain PyTorch loop over the same on-device data,
+   with images/s, TFLOP/s and the fraction of the device's peak; the same with K = 1,
+   2, 4, 8 worker processes per GPU; crafting cost per 1,000 images per PGD step in
+   fp32 and bf16. On the first CUDA device of ``--device``; without one, a tiny CPU
+   version.
+
 ``--only crafting,features`` picks sections (default: all). ``--device`` says where
-sections 4–14 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
+sections 4–15 run: ``auto`` (default) = the CPU, and the GPU too when CUDA is
 available; or a comma list such as ``cpu``, ``cuda`` or ``cpu,cuda:1``. The sizes
 depend on the device (small on a CPU) and are printed with every figure.
 
@@ -85,11 +92,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from poisonbench.bench.gpu_speed import bench_gpu
 from poisonbench.bench.packing_speed import bench_packing
 
 SECTIONS = ("synthetic", "datamodule", "fit", "crafting", "projection", "features", "lbfgs", "adv_poisoning",
             "gradient_matching", "training_defenses", "filters", "integrity_crafting",
-            "feature_collision", "packing")
+            "feature_collision", "packing", "gpu")
 MiB, GiB = 2**20, 2**30
 
 
@@ -951,6 +959,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench_feature_collision(devices)
         elif section == "packing":
             bench_packing(devices, repeats=args.repeats)
+        elif section == "gpu":
+            bench_gpu(devices)
         took[section] = time.perf_counter() - start
     print("section seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in took.items()))
 

@@ -7,6 +7,13 @@ the batch's device, in the LightningModule's ``on_after_batch_transfer``.
 
 The sampler shards by the trainer's rank itself, so the trainer runs with
 ``use_distributed_sampler=False`` and the same code serves CPU, one GPU and DDP.
+
+Resident data (``ResidentBatches``): on CUDA, when a set fits (``RESIDENT_LIMIT``), it
+is copied to the trainer's device once and its batches are cut there, by index tensors
+that live there too (the epoch's order is drawn on the CPU as always and moved once per
+epoch): no host copy per step. The loader, its sampler and every random draw stay those
+of the host path, so forced on the CPU (``resident=True``) it gives the same batches in
+the same order, and the same results, bit for bit.
 """
 from __future__ import annotations
 
@@ -17,6 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import PoisonStore
 from poisonbench.errors import ConfigError
+
+# The largest set (images and labels, bytes) that is kept on a CUDA device by default:
+# CIFAR-10's training set is 150 MiB, ImageNet-sized sets stay on the host.
+RESIDENT_LIMIT = 4 * 2**30
+RESIDENT_CHOICES = ("auto", True, False)
 
 
 class TensorBatches(Dataset):
@@ -33,16 +45,45 @@ class TensorBatches(Dataset):
         return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
+class ResidentBatches(TensorBatches):
+    """``TensorBatches`` of a set copied once to ``device``: indexed there by the index
+    tensors of a ``ShardedBatchSampler`` made for the same device."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
+        super().__init__(images.to(device), labels.to(device))
+        self.device = torch.device(device)
+        self.source = images  # the host tensor it copies (a set replaced later is copied anew)
+
+
+def set_bytes(images: torch.Tensor, labels: torch.Tensor) -> int:
+    return images.numel() * images.element_size() + labels.numel() * labels.element_size()
+
+
+def use_resident(choice: str | bool, device: torch.device, nbytes: int) -> bool:
+    """Whether a set of ``nbytes`` is kept on ``device``: ``auto`` = on a CUDA device
+    when it fits ``RESIDENT_LIMIT``; ``True``/``False`` as told (``True`` on the CPU
+    runs the resident code path where the data already is)."""
+    if choice not in RESIDENT_CHOICES:
+        raise ConfigError(f"resident_data must be auto, true or false; got {choice!r}")
+    if choice == "auto":
+        return torch.device(device).type == "cuda" and nbytes <= RESIDENT_LIMIT
+    return bool(choice)
+
+
 class ShardedBatchSampler(Sampler):
     """Index tensors of one batch each; reshuffled per epoch from (seed, epoch), and
     split over ``world_size`` ranks. Training shards are padded by wrapping, as
     DistributedSampler does, so every rank takes the same number of optimiser steps;
-    evaluation shards are not, so no test image is counted twice."""
+    evaluation shards are not, so no test image is counted twice.
+
+    With a ``device``, the epoch's order (drawn on the CPU, as without) is moved there
+    once and split there: index tensors for a ``ResidentBatches`` on that device."""
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.device = device
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -61,7 +102,10 @@ class ShardedBatchSampler(Sampler):
         return order
 
     def __iter__(self):
-        return iter(torch.split(self._indices(), self.batch_size))
+        order = self._indices()
+        if self.device is not None:
+            order = order.to(self.device)
+        return iter(torch.split(order, self.batch_size))
 
     def __len__(self) -> int:
         return -(-len(self._indices()) // self.batch_size)
@@ -99,17 +143,24 @@ class PoisonedDataModule(L.LightningDataModule):
     """Training data = ``base`` with (a ``ratio`` of) ``store`` applied; test data clean.
 
     With ``drop_poisoned`` the ratio·N samples are removed instead of poisoned, and the
-    model trains on the clean remainder only.
+    model trains on the clean remainder only. ``resident`` (``auto``, ``True``,
+    ``False``): whether the sets are kept on the trainer's device (``use_resident``);
+    ``resident_used`` says what the last training loader did.
     """
 
     def __init__(self, base: ImageSet, test: ImageSet, store: PoisonStore | None = None,
                  ratio: float = 1.0, batch_size: int = 128, eval_batch_size: int = 512,
-                 seed: int = 0, drop_poisoned: bool = False) -> None:
+                 seed: int = 0, drop_poisoned: bool = False, resident: str | bool = "auto") -> None:
         super().__init__()
+        if resident not in RESIDENT_CHOICES:
+            raise ConfigError(f"resident_data must be auto, true or false; got {resident!r}")
         self.base, self.test_set, self.store = base, test, store
         self.ratio, self.batch_size, self.eval_batch_size, self.seed = ratio, batch_size, eval_batch_size, seed
         self.drop_poisoned = drop_poisoned
+        self.resident = resident
+        self.resident_used = False
         self.train_set: ImageSet | None = None
+        self._resident_copies: dict[str, ResidentBatches] = {}
 
     @property
     def num_classes(self) -> int:
@@ -132,17 +183,31 @@ class PoisonedDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, data: ImageSet, batch_size: int, shuffle: bool) -> DataLoader:
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _loader(self, data: ImageSet, batch_size: int, shuffle: bool) -> tuple[DataLoader, bool]:
         rank, world = self._rank()
+        device = self._device()
+        if use_resident(self.resident, device, set_bytes(data.images, data.labels)):
+            # One copy per set and device while the set stays (val and test share it).
+            key = f"{'train' if shuffle else 'eval'} {device}"
+            copy = self._resident_copies.get(key)
+            if copy is None or copy.source is not data.images:
+                copy = self._resident_copies[key] = ResidentBatches(data.images, data.labels, device)
+            sampler = ShardedBatchSampler(len(data), batch_size, shuffle, self.seed, rank, world, device=device)
+            return DataLoader(copy, sampler=sampler, batch_size=None), True
         sampler = ShardedBatchSampler(len(data), batch_size, shuffle, self.seed, rank, world)
-        return DataLoader(TensorBatches(data.images, data.labels), sampler=sampler, batch_size=None)
+        return DataLoader(TensorBatches(data.images, data.labels), sampler=sampler, batch_size=None), False
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        loader, self.resident_used = self._loader(self.train_set, self.batch_size, shuffle=True)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)[0]
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)[0]

@@ -31,12 +31,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Fitted:
-    """The trained module, its trainer (for metrics and the world size), and the seconds
-    ``trainer.fit`` took."""
+    """The trained module, its trainer (for metrics and the world size), the seconds
+    ``trainer.fit`` took, and how it trained (``training``: what result.json records)."""
 
     module: VictimModule
     trainer: L.Trainer
     seconds: float
+    training: dict
 
 
 def fit(model: torch.nn.Module, datamodule: PoisonedDataModule, recipe: dict, *, scenario: str = "scratch",
@@ -59,7 +60,10 @@ def fit(model: torch.nn.Module, datamodule: PoisonedDataModule, recipe: dict, *,
         log.warning("resuming %s from its checkpoint %s", job_dir, resume)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    return Fitted(module, trainer, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    training = {"precision": str(trainer.precision), "compile": module.compiled,
+                "resident_data": datamodule.resident_used}
+    return Fitted(module, trainer, seconds, training)
 
 
 def fit_clean(model: torch.nn.Module, train_set: ImageSet, recipe: dict, *, seed: int,
@@ -70,5 +74,6 @@ def fit_clean(model: torch.nn.Module, train_set: ImageSet, recipe: dict, *, seed
     if eval_set is None:
         eval_set = ImageSet(train_set.images[:STAND_IN_EVAL], train_set.labels[:STAND_IN_EVAL],
                             train_set.classes, train_set.name, train_set.split)
-    data = PoisonedDataModule(train_set, eval_set, None, batch_size=int(recipe["batch_size"]), seed=int(seed))
+    data = PoisonedDataModule(train_set, eval_set, None, batch_size=int(recipe["batch_size"]), seed=int(seed),
+                              resident=recipe.get("resident_data", "auto"))
     return fit(model, data, recipe, scenario=scenario, hooks=hooks, progress=progress, fast_dev_run=fast_dev_run)

@@ -2,7 +2,8 @@
 
 Nothing here names a device: ``accelerator``/``devices``/``strategy`` come from the
 profile (``devices: 2, strategy: ddp`` works as written), and ``precision: auto``
-means bf16 mixed precision on CUDA and plain fp32 elsewhere.
+means bf16 mixed precision on CUDA and plain fp32 elsewhere. On CUDA cuDNN picks its
+fastest convolution algorithms (``cudnn.benchmark``); the CPU path is left as it was.
 
 A job's trainer checkpoints its whole training state (``EpochCheckpoint``) into the job
 directory, so that a killed or requeued job continues where it stopped
@@ -45,11 +46,14 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", pattern)
 
 
+def uses_cuda(accelerator: str) -> bool:
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     if precision != "auto":
         return str(precision)
-    on_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_cuda else "32-true"
+    return "bf16-mixed" if uses_cuda(accelerator) else "32-true"
 
 
 def checkpoint_path(job_dir: str | Path) -> Path:
@@ -170,6 +174,7 @@ def build_trainer(train: dict, job_dir: Path | None, *, fast_dev_run: bool = Fal
         devices=train.get("devices", 1),
         strategy=train.get("strategy", "auto"),
         precision=resolve_precision(str(train.get("precision", "auto")), accelerator),
+        benchmark=True if uses_cuda(accelerator) else None,  # None: cuDNN's setting untouched
         max_epochs=int(train["epochs"]),
         check_val_every_n_epoch=int(train.get("eval_every", 1)),
         num_sanity_val_steps=0,

@@ -14,6 +14,13 @@ an L-BFGS classifier), trains nothing with Lightning: ``poisonbench.fitting.line
 
 The network is passed in, not built here. Augmentation (random crop with zero padding
 4 and horizontal flip) runs on the batch's device in ``on_after_batch_transfer``.
+
+On CUDA (the GPU path; the CPU path is unchanged, bit for bit): the network and its
+inputs in channels_last, fused SGD/Adam, and, with ``train.compile`` (``auto`` = on
+where ``torch.compile`` works, eager where a network fails to compile), the network's
+forward compiled; the module and its
+state dict keep the plain network, so checkpoints and the defenses' hooks see it as
+always. The metrics skip their per-step argument checks (``validate_args=False``).
 A defense acts through two hooks called here (``TrainingHooks``, which
 ``poisonbench.defenses.base.Defense`` implements; this layer knows no defense): its
 per-batch hook inside ``training_step`` (after augmentation, under the trainer's
@@ -33,7 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from poisonbench.data.augment import random_crop_flip, to_float
 from poisonbench.errors import ConfigError
-from poisonbench.schema.job_config import OPTIMIZERS
+from poisonbench.schema.job_config import AUTO_TRUE_FALSE, OPTIMIZERS
 
 TRAINED_SCENARIOS = ("scratch", "finetune", "transfer")
 
@@ -48,6 +55,25 @@ class TrainingHooks(Protocol):
     def on_before_optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
 
     def on_train_epoch_start(self, epoch: int) -> None: ...
+
+
+def compile_works() -> bool:
+    """Whether ``torch.compile`` can build GPU kernels here (dynamo and triton present)."""
+    try:
+        import torch._dynamo
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return bool(torch._dynamo.is_dynamo_supported() and has_triton())
+
+
+def resolve_compile(choice: str | bool, on_cuda: bool) -> bool:
+    """``train.compile``: ``auto`` = on for CUDA where torch.compile works, off on the CPU."""
+    if choice not in AUTO_TRUE_FALSE:
+        raise ConfigError(f"train.compile must be auto, true or false; got {choice!r}")
+    if choice == "auto":
+        return on_cuda and compile_works()
+    return bool(choice)
 
 
 class VictimModule(L.LightningModule):
@@ -68,12 +94,19 @@ class VictimModule(L.LightningModule):
             model.reset_head(num_classes)
         if scenario == "transfer":
             model.backbone.requires_grad_(False)
-        # One metric object per stage (train / val / test).
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # One metric object per stage (train / val / test); the labels are checked where
+        # they are made, not on every step.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.curve: list[tuple[int, float]] = []  # (epoch, clean test accuracy %)
         self.channels_last = False
+        self.on_cuda = False
+        self.compiled = False
+        resolve_compile(self.train_cfg.get("compile", "auto"), False)  # a bad value fails here
+        # The compiled forward lives outside the module's registry (a plain attribute in
+        # __dict__), so the state dict and checkpoints hold the network's own names.
+        self.__dict__["_compiled_model"] = None
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str) -> None:
@@ -83,9 +116,18 @@ class VictimModule(L.LightningModule):
         # layout at wrapping time.
         from lightning.pytorch.accelerators import CUDAAccelerator
 
-        self.channels_last = isinstance(self.trainer.accelerator, CUDAAccelerator)
+        self.on_cuda = isinstance(self.trainer.accelerator, CUDAAccelerator)
+        self.channels_last = self.on_cuda
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        choice = self.train_cfg.get("compile", "auto")
+        self.compiled = resolve_compile(choice, self.on_cuda)
+        if self.compiled and self.__dict__["_compiled_model"] is None:
+            if choice == "auto":  # where a network does not compile, it runs eagerly instead of failing
+                import torch._dynamo
+
+                torch._dynamo.config.suppress_errors = True
+            self.__dict__["_compiled_model"] = torch.compile(self.model)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         images, labels = batch
@@ -104,7 +146,8 @@ class VictimModule(L.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        compiled = self.__dict__["_compiled_model"]
+        return (compiled if compiled is not None else self.model)(images)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -150,12 +193,14 @@ class VictimModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # One fused kernel per step on CUDA; the CPU keeps torch's default implementation.
+        fused = {"fused": True} if self.on_cuda else {}
         if cfg.get("optimizer", "sgd") == "adam":  # momentum and nesterov do not apply
-            optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+            optimizer = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0), **fused)
         else:
             optimizer = torch.optim.SGD(
                 params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-                nesterov=bool(cfg.get("nesterov", False)), weight_decay=cfg.get("weight_decay", 0.0),
+                nesterov=bool(cfg.get("nesterov", False)), weight_decay=cfg.get("weight_decay", 0.0), **fused,
             )
         schedule = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(cfg.get("milestones", [])), gamma=cfg.get("gamma", 0.1),

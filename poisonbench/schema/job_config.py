@@ -59,6 +59,13 @@ TASKS = ("train", "separability", "tsne")
 # set them, so adding one moves no existing job's hash. ``base_model``: the network that
 # finetune and transfer start from (``poisonbench.fitting.base_model``).
 OPTIONAL: dict[str, Any] = {"base_model": dict}
+# ``train`` keys of the same kind: no default in TRAIN_DEFAULTS, so a config that does not
+# set one hashes as before. ``compile``: torch.compile of the victim's network (auto = on
+# for CUDA where torch.compile works, off on the CPU); ``resident_data``: the training
+# and test sets kept on the device (auto = on CUDA when they fit;
+# ``poisonbench.data.module``). Both are auto when absent.
+TRAIN_OPTIONAL: dict[str, Any] = {"compile": (str, bool), "resident_data": (str, bool)}
+AUTO_TRUE_FALSE = ("auto", True, False)
 
 # Expected types: float accepts an int (and stores it as a float, so `lr: 1` and
 # `lr: 1.0` hash alike); "ints" is a list of ints.
@@ -108,8 +115,12 @@ def check_set(mapping: Any, where: str) -> dict[str, Any]:
 
 def check_train(mapping: Any, owner: str) -> dict[str, Any]:
     """Validate the ``train`` mapping of ``owner`` (e.g. "table x row 'y' set")."""
-    check_keys(mapping, TRAIN_DEFAULTS, f"{owner} train")
-    checked = {k: check_value(v, TRAIN_TYPES[k], f"train.{k} in {owner}") for k, v in mapping.items()}
+    check_keys(mapping, [*TRAIN_DEFAULTS, *TRAIN_OPTIONAL], f"{owner} train")
+    checked = {k: check_value(v, TRAIN_TYPES.get(k) or TRAIN_OPTIONAL[k], f"train.{k} in {owner}")
+               for k, v in mapping.items()}
+    for key in TRAIN_OPTIONAL:
+        if key in checked and checked[key] not in AUTO_TRUE_FALSE:
+            raise ConfigError(f"train.{key} in {owner} must be auto, true or false; got {checked[key]!r}")
     for key, value in checked.items():
         bounds = TRAIN_RANGES.get(key)
         for item in value if key == "milestones" else [value]:  # devices: [0, 1] are GPU ids

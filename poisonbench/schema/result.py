@@ -25,6 +25,9 @@ RESULT_FILE = "result.json"
 # Metrics outside the registry: these suffixes are percentages; any other metric must be
 # finite and non-negative (seconds, counts).
 PERCENT_METRICS = re.compile(r".*(_acc|_success|_rate)$")
+# How a victim trained (result.json's optional ``training``, with its ``precision``):
+# torch.compile on or off, the data resident on the device or not.
+TRAINING_FLAGS = ("compile", "resident_data")
 
 
 def metric_problem(name: str, value: Any) -> str | None:
@@ -65,6 +68,12 @@ def result_problem(job_hash: str, config: dict[str, Any], result: Any) -> str | 
     metrics = result.get("metrics")
     if not isinstance(metrics, dict) or not metrics:
         return "it has no metrics"
+    training = result.get("training")  # absent from results written before it was recorded
+    if training is not None:
+        if not isinstance(training, dict) or not isinstance(training.get("precision"), str) \
+                or not all(isinstance(training.get(k), bool) for k in TRAINING_FLAGS):
+            return ("its training record must map precision to a string and "
+                    f"{' and '.join(TRAINING_FLAGS)} to true or false")
     curves = result.get("curves") or {}
     if not isinstance(curves, dict):
         return "its curves must be a mapping"

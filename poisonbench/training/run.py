@@ -240,7 +240,7 @@ def _run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None
         evaluated = test
     datamodule = PoisonedDataModule(base, evaluated, store, ratio=float(config.get("ratio", 1.0)),
                                     seed=int(config["seed"]), drop_poisoned=bool(config.get("drop_poisoned")),
-                                    **sizes)
+                                    resident=train_cfg.get("resident_data", "auto"), **sizes)
     device = compute_device(train_cfg)
     filtered = filter_training_set(defense, datamodule, config, device, data_root)
     model_params = dict(config.get("model_params") or {})
@@ -279,6 +279,7 @@ def _run_job(config: dict, job_dir: Path, *, data_root: str | Path | None = None
                        "adversarial_class": target.adversarial_class}} if target is not None else {}),
         **({"base_model": base_info} if base_info else {}),
         "hardware": outcome["hardware"],
+        **({"training": outcome["training"]} if "training" in outcome else {}),
         "versions": provenance.versions(),
         "finished_at": provenance.now(),
     }
@@ -415,6 +416,7 @@ def _train(model, datamodule: PoisonedDataModule, config: dict, train_cfg: dict,
         "curves": {"epoch": [e for e, _ in module.curve], "test_acc": [a for _, a in module.curve]},
         "timings": {"train_s": round(train_s, 3)},
         "hardware": provenance.hardware(module.device.type) | {"processes": trainer.world_size},
+        "training": fitted.training,
     }
     return outcome, trainer.is_global_zero
 
