@@ -230,6 +230,25 @@ def test_not_run_cells_and_diffs(tmp_path):
     assert doc["profile"] == "paper" and doc["higher_is_better"] is False
 
 
+def test_filter_rows_show_what_their_filter_removed(tmp_path):
+    spec = load_table("demo/digits-integrity-defenses")
+    jobs = expand(spec, trials=2, rows=["none", "spectral_signatures"])
+    results = {}
+    for j in jobs:
+        result = {**fake_result(j, 10.0), "row": j.row, "metrics": {"backdoor_success": 10.0, "val_acc": 80.0},
+                  "defense": {"name": j.row, "filter": None}}
+        if j.row == "spectral_signatures":  # trial 0 catches 30 of 45 poisons among 60 removed, trial 1 45 of 90
+            caught, removed = (30, 60) if j.trial == 0 else (45, 90)
+            result["defense"]["filter"] = {"kept": 900 - removed, "removed": removed, "poisons": 45,
+                                           "removed_poisons": caught, "precision": caught / removed,
+                                           "recall": caught / 45, "filter_s": 0.1}
+        results[j.hash] = result
+    text = render_table(spec, aggregate(spec, jobs, results), results, tmp_path, "cpu").read_text()
+    section = text.split("## Filters", 1)[1]
+    assert "| Spectral signatures | 2 | 75.0 | 45.0 | 37.5 | 50.0 | 83.3 |" in section
+    assert "| None |" not in section  # an unfiltered row has nothing to report
+
+
 # --------------------------------------------------------------------------- index
 
 

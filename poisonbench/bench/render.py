@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import statistics
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -95,7 +96,7 @@ def render_table(
         log.warning("kept %s: it holds %d results, this home %d of its jobs (poisonbench leaderboard "
                     "--force replaces it)", base.with_suffix(".md"), fuller, prov["jobs"]["completed"])
         return base.with_suffix(".md")
-    markdown = table_markdown(spec, cells, prov) + _craft_costs(spec, values)
+    markdown = table_markdown(spec, cells, prov) + _filter_stats(spec, values) + _craft_costs(spec, values)
     if spec.kind == "figure":
         markdown += _figures(spec, cells, base)
     if spec.figure is not None:
@@ -309,6 +310,35 @@ def _latest(stamps: Iterable[Any]) -> str | None:
         if latest is None or when > latest[0]:
             latest = (when, str(stamp))
     return None if latest is None else latest[1]
+
+
+def _filter_stats(spec: TableSpec, results: list[Mapping[str, Any]]) -> str:
+    """What each filter row removed, over its trials: how many samples, how many of them
+    poisons, and the filter's precision and recall (``result.json``'s ``defense.filter``)."""
+    by_row: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        record = (r.get("defense") or {}).get("filter")
+        if record:
+            by_row.setdefault(r.get("row"), []).append(record)
+    if not by_row:
+        return ""
+    lines = ["", "## Filters", "", "Per filter row, means over its trials (n) of what the filter removed "
+             "before training: samples removed, poisons in the training set, poisons removed, precision "
+             "(poisons removed / removed, %) and recall (poisons removed / poisons, %).", "",
+             "| Row | n | Removed | Poisons | Poisons removed | Precision | Recall |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    names = {r.id: r.name for r in spec.rows}
+    for row in spec.row_ids:
+        if row not in by_row:
+            continue
+        records = by_row[row]
+
+        def mean(key: str, scale: float = 1.0) -> str:
+            values = [float(rec[key]) * scale for rec in records if rec.get(key) is not None]
+            return f"{statistics.fmean(values):.1f}" if values else NONE
+        lines.append(f"| {_md(names[row])} | {len(records)} | {mean('removed')} | {mean('poisons')} | "
+                     f"{mean('removed_poisons')} | {mean('precision', 100)} | {mean('recall', 100)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _craft_costs(spec: TableSpec, results: list[Mapping[str, Any]]) -> str:
