@@ -11,7 +11,8 @@ An adaptive attacker's surrogate trains with the victim's defense (``defense``: 
 victim's); its key then adds the defense (and is unchanged without one).
 A cached model is verified when it is read (readable safetensors, the content hash it
 was written with, every weight of the model with its shape); one that fails is trained
-again.
+again. Its training checkpoints every epoch into ``<entry>.partial/``
+(``poisonbench.artifacts.partial_dir``), where a killed fit continues on the next call.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
+from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make, partial_dir
 from poisonbench.attacks.base import VictimDefense
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import tensors_sha256
@@ -166,8 +167,9 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
     Returns the model and the seconds spent training (0 on a cache hit).
     """
     params = dict(model_params or {})
+    resumed = [0.0]  # seconds of the interrupted fits this one continues
 
-    def make(_path: Path) -> nn.Module:
+    def make(path: Path) -> nn.Module:
         if not progress:
             quiet_lightning()
         with torch.random.fork_rng(devices=[]):
@@ -176,12 +178,14 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
             train = recipe_config(recipe)
             if device.type == "cpu":
                 train["accelerator"] = "cpu"
-            fit_clean(net, imageset, train, seed=int(seed), progress=progress,
-                      hooks=defense.hooks() if defense is not None else None)
+            fitted = fit_clean(net, imageset, train, seed=int(seed), progress=progress,
+                               hooks=defense.hooks() if defense is not None else None, work_dir=partial_dir(path))
+        resumed[0] = fitted.resumed_s
         return net
 
     made = get_or_make(
         surrogate_artifact(imageset, model, params, activation, recipe, seed, defense),
         load=lambda path: _load_weights(build_crafting_model(model, imageset.num_classes, params, activation), path),
-        make=make, save=_save_weights)
+        make=make, save=_save_weights, earlier_s=lambda: resumed[0],
+        describe=lambda: {"resumed_s": round(resumed[0], 3)})
     return made.value.to(device).eval(), made.seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -93,12 +94,20 @@ class EpochCheckpoint(L.Callback):
     single-process run thus draws what an uninterrupted one would. Under DDP each rank
     keeps its own seeded streams (rank 0's would make every rank draw alike): resumed,
     it is not bit-identical to an uninterrupted run.
+
+    The checkpoint also records the seconds of fitting it holds, over every attempt
+    (``seconds``); a resumed fit knows those of the attempts before it (``resumed_s``).
     """
 
     def __init__(self, path: Path, every: int = CHECKPOINT_EVERY) -> None:
         self.path, self.every = Path(path), int(every)
         self._resumed = False
         self._rng: dict | None = None
+        self.resumed_s = 0.0  # seconds of fitting the loaded checkpoint held (0: a fresh fit)
+        self._started = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
@@ -112,7 +121,8 @@ class EpochCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["poisonbench"] = {"rng": rng_state(),
-                                     "curve": [[int(e), float(a)] for e, a in getattr(pl_module, "curve", [])]}
+                                     "curve": [[int(e), float(a)] for e, a in getattr(pl_module, "curve", [])],
+                                     "seconds": self.resumed_s + time.perf_counter() - self._started}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         extra = checkpoint.get("poisonbench") or {}
@@ -120,6 +130,7 @@ class EpochCheckpoint(L.Callback):
             pl_module.curve = [(int(e), float(a)) for e, a in extra.get("curve", [])]
         self._resumed = True
         self._rng = extra.get("rng") if trainer.world_size == 1 else None
+        self.resumed_s = float(extra.get("seconds", 0.0))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._resumed:
@@ -146,6 +157,12 @@ class EpochBar(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._bar.__exit__(None, None, None)
+
+
+def resumed_seconds(trainer: L.Trainer) -> float:
+    """The seconds of fitting that the checkpoint ``trainer`` resumed from held (0 for a
+    fresh fit or one without checkpoints)."""
+    return sum(c.resumed_s for c in trainer.callbacks if isinstance(c, EpochCheckpoint))
 
 
 def build_trainer(train: dict, job_dir: Path | None, *, fast_dev_run: bool = False,
