@@ -14,10 +14,14 @@ times. ``get_or_make`` is that life cycle in one place:
   written), saved through ``save(value, tmp)`` into a temporary file that is renamed
   onto the path, and its cost (seconds, what made it) recorded beside it in
   ``<stem>.cost.json``;
-- a miss is made under an ``flock`` on ``<path>.lock``: two processes (workers, ranks)
+- a miss is made under an ``flock`` on ``<path>.lock``: two processes (workers, jobs)
   that ask for one entry at once make it once, the second loading what the first
   wrote. The kernel releases the lock when its holder dies, so a killed maker leaves
   no stale claim (the lock file stays: removing it would race a waiting process).
+  A make that the processes of one group carry out together is not serialised: inside
+  a ``torch.distributed`` group of several (crafting ranks, DDP ranks), or with
+  ``exclusive=False`` (a fit on several devices), each rank makes the entry at once, as
+  their collectives (a fit's metric syncs, sharded crafting) need.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
+import torch.distributed as dist
 from safetensors import SafetensorError
 
 from poisonbench.files import atomic_path, canonical_json, home, write_json
@@ -121,6 +126,12 @@ def lock(path: str | Path) -> Iterator[None]:
         os.close(fd)  # closing the last descriptor of the open file releases the lock
 
 
+def in_process_group() -> bool:
+    """Whether this process is one rank of an initialised ``torch.distributed`` group of
+    several: its makes are collective, so no rank may wait for another's lock."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def write_cost(path: str | Path, seconds: float, **details: Any) -> None:
     write_json(cost_path(path), {"seconds": round(float(seconds), 3), **details})
 
@@ -133,7 +144,7 @@ def remove(path: str | Path) -> None:
 
 def get_or_make(artifact: Artifact | Path, *, load: Callable[[Path], T], make: Callable[[Path], T],
                 save: Callable[[T, Path], None], describe: Callable[[], dict] | None = None,
-                earlier_s: float | Callable[[], float] = 0.0) -> Made[T]:
+                earlier_s: float | Callable[[], float] = 0.0, exclusive: bool = True) -> Made[T]:
     """Load the entry at ``artifact``'s path, or make, save and record it.
 
     ``load`` raises ``CorruptArtifact`` (or an ``OSError``, ``ValueError`` or safetensors
@@ -143,13 +154,14 @@ def get_or_make(artifact: Artifact | Path, *, load: Callable[[Path], T], make: C
     ranks), called after the entry is saved. ``earlier_s``: seconds that interrupted
     attempts already spent on a resumable ``make``, counted in the cost; a function
     for them is called once ``make`` returns (a make that resumes learns them from its
-    checkpoint).
+    checkpoint). ``exclusive=False``: make without the lock, as inside a process group
+    of several (each rank must take part in the make).
     """
     path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
     hit = _load(path, load, damaged=False)
     if hit is not None:
         return hit
-    with lock(path):
+    with lock(path) if exclusive and not in_process_group() else contextlib.nullcontext():
         hit = _load(path, load, damaged=True)
         if hit is not None:
             return hit

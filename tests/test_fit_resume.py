@@ -208,3 +208,76 @@ def test_a_killed_maker_lets_the_next_one_make_it(tmp_path):
     assert second.returncode == 0, err
     assert json.loads(out) == {"value": "value", "cached": False} and marker.read_text() == "made\nmade\n"
     assert (tmp_path / "things" / "e.txt").read_text() == "value"
+
+
+# ------------------------------------------------------------------- a real kill
+
+FITTER = textwrap.dedent("""
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    from poisonbench.data import load_imageset
+    from poisonbench.fitting.base_model import base_model, base_model_config
+    from poisonbench.models import build_model
+
+    recipe, width = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    base_model(lambda: build_model("small_cnn", 10, **width), load_imageset("digits", split="train"),
+               "small_cnn", width, recipe, base_model_config({}, "the test"))
+""")
+
+
+@pytest.mark.slow  # about 30 s: a second process imports torch and Lightning
+def test_a_sigkilled_base_model_fit_resumes_to_the_uninterrupted_weights(digits, one_thread, tmp_path, monkeypatch):
+    """Killed for real (SIGKILL, after its first epoch's checkpoint) in another process,
+    and asked for again: the entry has the weights of a fit never interrupted."""
+    train, _ = digits
+    recipe = {**RECIPE, "epochs": 6, "milestones": [4]}
+    settings = base_model_config({}, "the test")
+    build = lambda: build_model("small_cnn", 10, **WIDTH)  # noqa: E731
+    monkeypatch.setenv("POISONBENCH_HOME", str(tmp_path / "whole"))
+    whole, _, whole_path = base_model(build, train, "small_cnn", WIDTH, recipe, settings)
+
+    home = tmp_path / "killed"
+    path = home / whole_path.relative_to(tmp_path / "whole")
+    env = {**os.environ, "POISONBENCH_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen([sys.executable, "-c", FITTER, json.dumps(recipe), json.dumps(WIDTH)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = partial_dir(path) / CHECKPOINT_FILE
+    _wait_for(lambda: ckpt.is_file() or child.poll() is not None, "the first epoch's checkpoint", 300)
+    os.kill(child.pid, signal.SIGKILL)
+    out = child.communicate()[0]
+    assert ckpt.is_file() and not path.exists(), out[-3000:]  # killed after a checkpoint, before the entry
+    assert checkpoint_epoch(partial_dir(path)) < recipe["epochs"] - 1
+
+    monkeypatch.setenv("POISONBENCH_HOME", str(home))
+    resumed, _, same = base_model(build, train, "small_cnn", WIDTH, recipe, settings)
+    assert same == path and same_weights(whole.state_dict(), resumed.state_dict())
+    assert not partial_dir(path).exists() and read_cost(path)["resumed_s"] > 0
+
+
+def test_cache_keys_of_base_models_and_surrogates_are_where_they_were(digits):
+    """Resuming and locking changed no content address: these are the digests the
+    entries had before (an existing home's base models and surrogates are still hits)."""
+    from poisonbench.attacks.surrogate import surrogate_artifact
+    from poisonbench.fitting.base_model import base_model_artifact
+
+    train, _ = digits
+    recipe = {**RECIPE, "milestones": []}
+    assert base_model_artifact(train, "small_cnn", {}, recipe, base_model_config({}, "t")).digest == "10312122dbdf6d6dc62fcb58"
+    assert base_model_artifact(train, "small_cnn", {"width": 8}, recipe,
+                               base_model_config({"seed": 3, "defense": "none"}, "t")).digest == "be9aa3f65e020345042da5b4"
+    assert surrogate_artifact(train, "small_cnn", {}, "relu", SurrogateRecipe(), 0).digest == "9e275df1c4fbb959f0ce6dfb"
+    assert surrogate_artifact(train, "small_cnn", {"width": 4}, "tanh", recipe, 7).digest == "f0c27d33167a6d893bb2caae"
+
+
+def test_only_a_one_device_fit_is_resumable_and_locked():
+    """A fit on several devices is made by every rank at once (their collectives pair
+    up), so it neither waits for the entry's lock nor keeps a checkpoint beside it."""
+    from poisonbench.fitting.trainer import fits_alone
+
+    assert fits_alone({"devices": 1}) and fits_alone({"devices": [0]}) and fits_alone({})
+    assert fits_alone({"devices": "auto", "accelerator": "cpu"})
+    for several in ({"devices": 2}, {"devices": "0,1"}, {"devices": [0, 1]}, {"devices": 1, "strategy": "ddp"},
+                    {"devices": "2"}):
+        assert not fits_alone(several), several

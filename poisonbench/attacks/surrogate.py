@@ -11,8 +11,10 @@ An adaptive attacker's surrogate trains with the victim's defense (``defense``: 
 victim's); its key then adds the defense (and is unchanged without one).
 A cached model is verified when it is read (readable safetensors, the content hash it
 was written with, every weight of the model with its shape); one that fails is trained
-again. Its training checkpoints every epoch into ``<entry>.partial/``
-(``poisonbench.artifacts.partial_dir``), where a killed fit continues on the next call.
+again. Fitted in one process, its training checkpoints every epoch into
+``<entry>.partial/`` (``poisonbench.artifacts.partial_dir``), where a killed fit
+continues on the next call; under several crafting ranks each rank fits it at once,
+as before (``fitting.trainer.fits_alone``).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
 from poisonbench.fitting.fit import fit_clean
-from poisonbench.fitting.trainer import quiet_lightning
+from poisonbench.fitting.trainer import fits_alone, quiet_lightning
 from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
 
@@ -168,6 +170,11 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
     """
     params = dict(model_params or {})
     resumed = [0.0]  # seconds of the interrupted fits this one continues
+    train = recipe_config(recipe)
+    if device.type == "cpu":
+        train["accelerator"] = "cpu"
+    # Crafting on several ranks, each rank fits it at once (their metrics sync), as before.
+    alone = fits_alone(train)
 
     def make(path: Path) -> nn.Module:
         if not progress:
@@ -175,11 +182,9 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
         with torch.random.fork_rng(devices=[]):
             L.seed_everything(int(seed), verbose=False)
             net = build_crafting_model(model, imageset.num_classes, params, activation)
-            train = recipe_config(recipe)
-            if device.type == "cpu":
-                train["accelerator"] = "cpu"
-            fitted = fit_clean(net, imageset, train, seed=int(seed), progress=progress,
-                               hooks=defense.hooks() if defense is not None else None, work_dir=partial_dir(path))
+            fitted = fit_clean(net, imageset, dict(train), seed=int(seed), progress=progress,
+                               hooks=defense.hooks() if defense is not None else None,
+                               work_dir=partial_dir(path) if alone else None)
         resumed[0] = fitted.resumed_s
         return net
 
@@ -187,5 +192,5 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
         surrogate_artifact(imageset, model, params, activation, recipe, seed, defense),
         load=lambda path: _load_weights(build_crafting_model(model, imageset.num_classes, params, activation), path),
         make=make, save=_save_weights, earlier_s=lambda: resumed[0],
-        describe=lambda: {"resumed_s": round(resumed[0], 3)})
+        describe=lambda: {"resumed_s": round(resumed[0], 3)}, exclusive=alone)
     return made.value.to(device).eval(), made.seconds

@@ -25,9 +25,11 @@ the linear layer trained on CIFAR-10 by the job's own recipe.
 A trained base model is an artifact (``poisonbench.artifacts``) under
 ``<home>/base_models/``, keyed by the clean training set's fingerprint, the model and
 its parameters, the recipe, the seed and the defense: made once, shared by every trial,
-attack and column that names the same one. Its training checkpoints every epoch into
-``<entry>.partial/`` (``poisonbench.artifacts.partial_dir``): a fit killed part of the
-way continues there on the next call, and the folder goes once the entry is written.
+attack and column that names the same one. Fitted in one process on one device, its
+training checkpoints every epoch into ``<entry>.partial/``
+(``poisonbench.artifacts.partial_dir``): a fit killed part of the way continues there
+on the next call, and the folder goes once the entry is written. (A fit on several
+devices is made by each rank at once, without a lock or checkpoints: ``fits_alone``.)
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from poisonbench.data.datasets import check_split
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
 from poisonbench.fitting.fit import fit_clean
-from poisonbench.fitting.trainer import quiet_lightning
+from poisonbench.fitting.trainer import fits_alone, quiet_lightning
 from poisonbench.fitting.victim import TrainingHooks
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.models.weights import load_weights
@@ -144,6 +146,7 @@ def base_model(build: Callable[[], ImageClassifier], train: ImageSet, model: str
         return net if net.num_classes == train.num_classes else net.reset_head(train.num_classes)
 
     resumed = [0.0]  # seconds of the interrupted fits this one continues
+    alone = fits_alone(dict(recipe))  # else every rank of the group fits it, as before, without checkpoints
 
     def make(path: Path) -> ImageClassifier:
         if not progress:
@@ -152,7 +155,8 @@ def base_model(build: Callable[[], ImageClassifier], train: ImageSet, model: str
             L.seed_everything(int(config["seed"]), verbose=False)
             net = network()
             fitted = fit_clean(net, train, dict(recipe), seed=int(config["seed"]), hooks=hooks, progress=progress,
-                               fast_dev_run=bool(recipe.get("fast_dev_run")), work_dir=partial_dir(path))
+                               fast_dev_run=bool(recipe.get("fast_dev_run")),
+                               work_dir=partial_dir(path) if alone else None)
         resumed[0] = fitted.resumed_s
         return net
 
@@ -169,5 +173,5 @@ def base_model(build: Callable[[], ImageClassifier], train: ImageSet, model: str
 
     made = get_or_make(base_model_artifact(train, model, model_params, recipe, config),
                        load=load, make=make, save=save, earlier_s=lambda: resumed[0],
-                       describe=lambda: {"resumed_s": round(resumed[0], 3)})
+                       describe=lambda: {"resumed_s": round(resumed[0], 3)}, exclusive=alone)
     return made.value, made.seconds, made.path

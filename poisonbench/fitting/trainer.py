@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from poisonbench import progress as progress_bars
+from poisonbench.artifacts import in_process_group
 from poisonbench.files import atomic_path
 
 # A job directory's checkpoint: a name in schema/job_dir.py's WRITTEN, so that clearing
@@ -157,6 +158,25 @@ class EpochBar(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._bar.__exit__(None, None, None)
+
+
+def fits_alone(train: dict) -> bool:
+    """Whether a fit with the ``train`` recipe is this process's alone: one device, and
+    no process group of several around it (torchmetrics syncs a fit's metrics over such
+    a group, so its other ranks must fit at the same time). Only such a fit keeps a
+    resumable checkpoint beside a cache entry and is made under the entry's lock."""
+    if in_process_group():
+        return False
+    if any(name in str(train.get("strategy", "auto")) for name in ("ddp", "fsdp", "deepspeed")):
+        return False
+    devices = train.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        return len(devices) <= 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) <= 1
+    if devices in ("auto", -1, "-1"):
+        return str(train.get("accelerator", "auto")) == "cpu" or torch.cuda.device_count() <= 1
+    return int(devices) <= 1
 
 
 def resumed_seconds(trainer: L.Trainer) -> float:

@@ -15,9 +15,12 @@ Pre-training resumes: its state is checkpointed every epoch into ``<out>.partial
 a killed run continues there on the next call, and the folder goes once the backbone
 is written. The training and the write hold an ``flock`` on ``<out>.lock``
 (``poisonbench.artifacts.lock``), so two processes never train into one file at once.
+(Inside a process group of several, each rank pre-trains at once without either, as
+before: ``fitting.trainer.fits_alone``.)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,7 +41,7 @@ from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.pretrain import simclr, supervised
 from poisonbench.pretrain.auxiliary import auxiliary_dataset
-from poisonbench.fitting.trainer import quiet_lightning
+from poisonbench.fitting.trainer import fits_alone, quiet_lightning
 
 METHODS = ("simclr", "supervised")
 
@@ -90,7 +93,8 @@ def _work_dir(path: Path, settings: dict) -> Path:
     except (OSError, ValueError):
         same = False
     if not same:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         files.write_json(key, settings)
     return work
 
@@ -143,7 +147,9 @@ def pretrain(method: str, dataset: str, *, model: str | None = None, model_param
     # the cheapest place to read the class count from.
     num_classes = aux_set.num_classes if aux_name == dataset else load_imageset(dataset, data_root, "test").num_classes
     path = Path(out) if out is not None else default_path(dataset, method, model)
-    with lock(path):
+    # In a process group of several (a DDP job's rank), every rank pre-trains at once, as before.
+    alone = fits_alone({"devices": 1, "accelerator": accelerator})
+    with lock(path) if alone else contextlib.nullcontext():
         if if_missing and path.is_file():
             return None
         if on_start is not None:
@@ -152,7 +158,7 @@ def pretrain(method: str, dataset: str, *, model: str | None = None, model_param
         settings = {"method": method, "dataset": dataset, "aux_dataset": aux_name, "aux_split": aux_split,
                     "aux_fingerprint": aux_set.fingerprint, "model": model, "model_params": model_params,
                     "num_classes": num_classes, "params": params.to_dict(), "seed": seed, "accelerator": accelerator}
-        work = _work_dir(path, settings)
+        work = _work_dir(path, settings) if alone else None
         quiet_lightning()
         L.seed_everything(seed, workers=True, verbose=False)
         start = time.perf_counter()
@@ -181,7 +187,8 @@ def pretrain(method: str, dataset: str, *, model: str | None = None, model_param
             "poisonbench_version": __version__, "torch_version": torch.__version__,
         }
         save_backbone(net, path, meta)
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return PretrainResult(path=path, method=method, dataset=dataset, aux_dataset=aux_name, aux_split=aux_split,
                           aux_size=len(aux_set), model=model, model_params=model_params,
                           params=params.to_dict(), metrics=metrics, seconds=seconds)
