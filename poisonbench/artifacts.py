@@ -33,12 +33,12 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-import torch.distributed as dist
 from safetensors import SafetensorError
 
 from poisonbench.files import atomic_path, canonical_json, home, write_json
@@ -128,8 +128,10 @@ def lock(path: str | Path) -> Iterator[None]:
 
 def in_process_group() -> bool:
     """Whether this process is one rank of an initialised ``torch.distributed`` group of
-    several: its makes are collective, so no rank may wait for another's lock."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    several: its makes are collective, so no rank may wait for another's lock. (A
+    process that never imported ``torch.distributed`` is in no group.)"""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def write_cost(path: str | Path, seconds: float, **details: Any) -> None:

@@ -153,7 +153,7 @@ MAKER = textwrap.dedent("""
     from pathlib import Path
     from poisonbench.artifacts import get_or_make
 
-    entry, marker, go = map(Path, sys.argv[1:4])
+    entry, marker, go, ready = map(Path, sys.argv[1:5])
 
     def make(path):
         with marker.open("a") as f:
@@ -162,16 +162,18 @@ MAKER = textwrap.dedent("""
             time.sleep(0.02)
         return "value"
 
+    ready.touch()  # imports done: it asks for the entry now
     made = get_or_make(entry, load=lambda p: p.read_text(), make=make, save=lambda v, tmp: tmp.write_text(v))
     print(json.dumps({"value": made.value, "cached": made.cached}))
 """)
 
 
-def _maker(tmp_path: Path, go: str) -> subprocess.Popen:
+def _maker(tmp_path: Path, go: str, ready: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-c", MAKER, str(tmp_path / "things" / "e.txt"), str(tmp_path / "marker"),
-                             str(tmp_path / go)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / go), str(tmp_path / ready)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(predicate, what: str, seconds: float = 60.0) -> None:
@@ -183,10 +185,11 @@ def _wait_for(predicate, what: str, seconds: float = 60.0) -> None:
 
 def test_two_processes_asking_for_one_entry_make_it_once(tmp_path):
     marker = tmp_path / "marker"
-    first = _maker(tmp_path, "go")
+    first = _maker(tmp_path, "go", "ready1")
     _wait_for(lambda: marker.is_file(), "the first process to start making")
-    second = _maker(tmp_path, "go")
-    time.sleep(1.5)  # the second finds no entry and waits on the lock
+    second = _maker(tmp_path, "go", "ready2")
+    _wait_for(lambda: (tmp_path / "ready2").is_file(), "the second process to ask for the entry")
+    time.sleep(0.5)  # it finds no entry and waits on the lock
     assert second.poll() is None
     (tmp_path / "go").touch()
     outs = [json.loads(p.communicate(timeout=60)[0]) for p in (first, second)]
@@ -196,10 +199,11 @@ def test_two_processes_asking_for_one_entry_make_it_once(tmp_path):
 
 def test_a_killed_maker_lets_the_next_one_make_it(tmp_path):
     marker = tmp_path / "marker"
-    first = _maker(tmp_path, "never")
+    first = _maker(tmp_path, "never", "ready1")
     _wait_for(lambda: marker.is_file(), "the first process to start making")
-    second = _maker(tmp_path, "go")
-    time.sleep(1.0)
+    second = _maker(tmp_path, "go", "ready2")
+    _wait_for(lambda: (tmp_path / "ready2").is_file(), "the second process to ask for the entry")
+    time.sleep(0.5)
     assert second.poll() is None  # waiting for the first
     (tmp_path / "go").touch()  # (the first waits for "never")
     os.kill(first.pid, signal.SIGKILL)  # its lock dies with it
