@@ -268,9 +268,9 @@ def test_cache_keys_of_base_models_and_surrogates_are_where_they_were(digits):
 
     train, _ = digits
     recipe = {**RECIPE, "milestones": []}
-    assert base_model_artifact(train, "small_cnn", {}, recipe, base_model_config({}, "t")).digest == "10312122dbdf6d6dc62fcb58"
-    assert base_model_artifact(train, "small_cnn", {"width": 8}, recipe,
-                               base_model_config({"seed": 3, "defense": "none"}, "t")).digest == "be9aa3f65e020345042da5b4"
+    plain, other = base_model_config({}, "t"), base_model_config({"seed": 3, "defense": "none"}, "t")
+    assert base_model_artifact(train, "small_cnn", {}, recipe, plain).digest == "10312122dbdf6d6dc62fcb58"
+    assert base_model_artifact(train, "small_cnn", {"width": 8}, recipe, other).digest == "be9aa3f65e020345042da5b4"
     assert surrogate_artifact(train, "small_cnn", {}, "relu", SurrogateRecipe(), 0).digest == "9e275df1c4fbb959f0ce6dfb"
     assert surrogate_artifact(train, "small_cnn", {"width": 4}, "tanh", recipe, 7).digest == "f0c27d33167a6d893bb2caae"
 

@@ -173,7 +173,8 @@ def pretrain(method: str, dataset: str, *, model: str | None = None, model_param
             eval_set = load_imageset(aux_name, data_root, "test") if aux_name != dataset else None
             metrics, resumed_s = supervised.train_supervised(net, aux_set, params, seed=seed, eval_set=eval_set,
                                                              accelerator=accelerator, work_dir=work)
-            metrics["eval_set"] = f"{aux_name} test" if eval_set is not None else f"{aux_name} {aux_split} (training data)"
+            metrics["eval_set"] = (f"{aux_name} test" if eval_set is not None
+                                   else f"{aux_name} {aux_split} (training data)")
         seconds = resumed_s + time.perf_counter() - start
         net.reset_head(num_classes)  # only the backbone is pre-trained; the head starts fresh
 
