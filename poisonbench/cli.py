@@ -448,7 +448,11 @@ def cmd_pretrain(args) -> None:
         aux = (name, split or "train")
     result = pretrain(args.method, args.dataset, model=args.model, model_params=parse_sets(args.model_param, "--model-param"),
                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, out=args.out,
-                      data_root=args.data_root, aux=aux, on_start=lambda line: print(line, file=sys.stderr))
+                      data_root=args.data_root, aux=aux, on_start=lambda line: print(line, file=sys.stderr),
+                      if_missing=args.if_missing)
+    if result is None:  # another process wrote it while this one waited for the file's lock
+        print(f"{target}  (exists; --if-missing)")
+        return
     epochs = result.params["epochs"]
     print(f"{result.path}  ({result.method} {result.model} on {result.aux_dataset} {result.aux_split}, "
           f"{result.aux_size} images, {epochs} epoch{'s' * (epochs != 1)}; {result.seconds:.1f}s)")

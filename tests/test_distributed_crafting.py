@@ -157,8 +157,8 @@ def test_craft_cached_on_two_ranks_writes_one_store_and_its_cost(digits96, one_t
     store, seconds = craft_cached("error_minimizing", digits96, smoke, 11, TWO)
     assert seconds > 0
     folder = store.path.parent
-    assert sorted(p.name for p in folder.glob(store.path.stem + "*")) == [
-        store.path.stem + ".cost.json", store.path.name]
+    assert sorted(p.name for p in folder.glob(store.path.stem + "*")) == [  # no rank's partial state is left
+        store.path.stem + ".cost.json", store.path.name, store.path.name + ".lock"]
     cost = json.loads(craft_cost_path(store.path).read_text())
     assert cost["ranks"] == 2 and cost["hardware"].startswith("cpu ×2 ranks")
     again, cached = craft_cached("error_minimizing", digits96, smoke, 11, TWO)

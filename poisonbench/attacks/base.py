@@ -449,6 +449,8 @@ def craft_cached(name: str, imageset: ImageSet | AttackInput, params: dict | Non
         return store
 
     def make(_entry: Path) -> PoisonStore:
+        nonlocal earlier  # read under the entry's lock: a killed maker's last checkpoint counts
+        earlier = crafting_seconds(partial)
         ctx = CraftContext(checkpoint=partial, every_s=checkpoint_every_s, progress=progress,
                            earlier_s=earlier, started_at=time.time())
         with crafting(ctx):
@@ -458,8 +460,8 @@ def craft_cached(name: str, imageset: ImageSet | AttackInput, params: dict | Non
         save_file(store.tensors(), str(tmp), metadata=store.metadata())
 
     # Seconds the interrupted runs before this one spent, as their last checkpoint recorded.
-    earlier = crafting_seconds(partial)
-    made = get_or_make(path, load=load, make=make, save=save, earlier_s=earlier,
+    earlier = 0.0
+    made = get_or_make(path, load=load, make=make, save=save, earlier_s=lambda: earlier,
                        describe=lambda: {"hardware": describe_devices(devices), "ranks": len(devices),
                                          "resumed_s": round(earlier, 3),
                                          "store_sha256": PoisonStore.read_metadata(path)["content_sha256"]})

@@ -11,7 +11,10 @@ An adaptive attacker's surrogate trains with the victim's defense (``defense``: 
 victim's); its key then adds the defense (and is unchanged without one).
 A cached model is verified when it is read (readable safetensors, the content hash it
 was written with, every weight of the model with its shape); one that fails is trained
-again.
+again. Fitted in one process, its training checkpoints every epoch into
+``<entry>.partial/`` (``poisonbench.artifacts.partial_dir``), where a killed fit
+continues on the next call; under several crafting ranks each rank fits it at once,
+as before (``fitting.trainer.fits_alone``).
 """
 from __future__ import annotations
 
@@ -24,13 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
+from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make, partial_dir
 from poisonbench.attacks.base import VictimDefense
 from poisonbench.data.imageset import ImageSet
 from poisonbench.data.store import tensors_sha256
 from poisonbench.errors import ConfigError
 from poisonbench.fitting.fit import fit_clean
-from poisonbench.fitting.trainer import quiet_lightning
+from poisonbench.fitting.trainer import fits_alone, quiet_lightning
 from poisonbench.models import build_model
 from poisonbench.models.classifier import ImageClassifier
 
@@ -166,22 +169,28 @@ def trained_model(imageset: ImageSet, model: str, model_params: dict | None, act
     Returns the model and the seconds spent training (0 on a cache hit).
     """
     params = dict(model_params or {})
+    resumed = [0.0]  # seconds of the interrupted fits this one continues
+    train = recipe_config(recipe)
+    if device.type == "cpu":
+        train["accelerator"] = "cpu"
+    # Crafting on several ranks, each rank fits it at once (their metrics sync), as before.
+    alone = fits_alone(train)
 
-    def make(_path: Path) -> nn.Module:
+    def make(path: Path) -> nn.Module:
         if not progress:
             quiet_lightning()
         with torch.random.fork_rng(devices=[]):
             L.seed_everything(int(seed), verbose=False)
             net = build_crafting_model(model, imageset.num_classes, params, activation)
-            train = recipe_config(recipe)
-            if device.type == "cpu":
-                train["accelerator"] = "cpu"
-            fit_clean(net, imageset, train, seed=int(seed), progress=progress,
-                      hooks=defense.hooks() if defense is not None else None)
+            fitted = fit_clean(net, imageset, dict(train), seed=int(seed), progress=progress,
+                               hooks=defense.hooks() if defense is not None else None,
+                               work_dir=partial_dir(path) if alone else None)
+        resumed[0] = fitted.resumed_s
         return net
 
     made = get_or_make(
         surrogate_artifact(imageset, model, params, activation, recipe, seed, defense),
         load=lambda path: _load_weights(build_crafting_model(model, imageset.num_classes, params, activation), path),
-        make=make, save=_save_weights)
+        make=make, save=_save_weights, earlier_s=lambda: resumed[0],
+        describe=lambda: {"resumed_s": round(resumed[0], 3)}, exclusive=alone)
     return made.value.to(device).eval(), made.seconds

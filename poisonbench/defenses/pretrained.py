@@ -38,8 +38,9 @@ Parameters:
   auxiliary data of ``dataset`` (default the job's dataset; digits: its disjoint
   ``aux`` split), with the optional ``epochs``, ``batch_size`` and ``seed`` (0). The
   cpu profile uses it, so a fresh machine runs the defense tables with no step first.
-  Parallel jobs that find the file missing at once each pre-train it (same seed, same
-  file, written atomically); run one job first to pay it once.
+  Parallel jobs that find the file missing at once pre-train it once: the first holds
+  an flock on ``<file>.lock`` while it trains, the others wait and then read its file.
+  A pre-training killed part of the way continues from ``<file>.partial/`` next time.
 - Under ``fast_dev_run`` a missing file is not an error and nothing is fetched or
   pre-trained: the smoke run keeps the freshly initialised backbone (same code path,
   one batch), and ``result.json`` says so (``weights_sha256: null``).
@@ -155,7 +156,7 @@ class Pretrained(Defense):
             raise ConfigError("pretrain needs the dataset to defend: give pretrain a dataset, or run it in a job")
         pretrain(recipe["method"], dataset, model=model, model_params=model_params, epochs=recipe.get("epochs"),
                  batch_size=recipe.get("batch_size"), seed=int(recipe.get("seed", 0)), out=path,
-                 data_root=data_root)
+                 data_root=data_root, if_missing=True)
 
     def describe(self) -> dict:
         path = self.weights_path

@@ -25,7 +25,11 @@ the linear layer trained on CIFAR-10 by the job's own recipe.
 A trained base model is an artifact (``poisonbench.artifacts``) under
 ``<home>/base_models/``, keyed by the clean training set's fingerprint, the model and
 its parameters, the recipe, the seed and the defense: made once, shared by every trial,
-attack and column that names the same one.
+attack and column that names the same one. Fitted in one process on one device, its
+training checkpoints every epoch into ``<entry>.partial/``
+(``poisonbench.artifacts.partial_dir``): a fit killed part of the way continues there
+on the next call, and the folder goes once the entry is written. (A fit on several
+devices is made by each rank at once, without a lock or checkpoints: ``fits_alone``.)
 """
 from __future__ import annotations
 
@@ -38,13 +42,13 @@ import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
-from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make
+from poisonbench.artifacts import Artifact, CorruptArtifact, get_or_make, partial_dir
 from poisonbench.data import DATASETS, load_imageset
 from poisonbench.data.datasets import check_split
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
 from poisonbench.fitting.fit import fit_clean
-from poisonbench.fitting.trainer import quiet_lightning
+from poisonbench.fitting.trainer import fits_alone, quiet_lightning
 from poisonbench.fitting.victim import TrainingHooks
 from poisonbench.models.classifier import ImageClassifier
 from poisonbench.models.weights import load_weights
@@ -141,14 +145,19 @@ def base_model(build: Callable[[], ImageClassifier], train: ImageSet, model: str
         net = build()
         return net if net.num_classes == train.num_classes else net.reset_head(train.num_classes)
 
-    def make(_path: Path) -> ImageClassifier:
+    resumed = [0.0]  # seconds of the interrupted fits this one continues
+    alone = fits_alone(dict(recipe))  # else every rank of the group fits it, as before, without checkpoints
+
+    def make(path: Path) -> ImageClassifier:
         if not progress:
             quiet_lightning()
         with torch.random.fork_rng(devices=[]):
             L.seed_everything(int(config["seed"]), verbose=False)
             net = network()
-            fit_clean(net, train, dict(recipe), seed=int(config["seed"]), hooks=hooks, progress=progress,
-                      fast_dev_run=bool(recipe.get("fast_dev_run")))
+            fitted = fit_clean(net, train, dict(recipe), seed=int(config["seed"]), hooks=hooks, progress=progress,
+                               fast_dev_run=bool(recipe.get("fast_dev_run")),
+                               work_dir=partial_dir(path) if alone else None)
+        resumed[0] = fitted.resumed_s
         return net
 
     def load(path: Path) -> ImageClassifier:
@@ -163,5 +172,6 @@ def base_model(build: Callable[[], ImageClassifier], train: ImageSet, model: str
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
 
     made = get_or_make(base_model_artifact(train, model, model_params, recipe, config),
-                       load=load, make=make, save=save)
+                       load=load, make=make, save=save, earlier_s=lambda: resumed[0],
+                       describe=lambda: {"resumed_s": round(resumed[0], 3)}, exclusive=alone)
     return made.value, made.seconds, made.path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from poisonbench import progress as progress_bars
+from poisonbench.artifacts import in_process_group
 from poisonbench.files import atomic_path
 
 # A job directory's checkpoint: a name in schema/job_dir.py's WRITTEN, so that clearing
@@ -97,12 +99,20 @@ class EpochCheckpoint(L.Callback):
     single-process run thus draws what an uninterrupted one would. Under DDP each rank
     keeps its own seeded streams (rank 0's would make every rank draw alike): resumed,
     it is not bit-identical to an uninterrupted run.
+
+    The checkpoint also records the seconds of fitting it holds, over every attempt
+    (``seconds``); a resumed fit knows those of the attempts before it (``resumed_s``).
     """
 
     def __init__(self, path: Path, every: int = CHECKPOINT_EVERY) -> None:
         self.path, self.every = Path(path), int(every)
         self._resumed = False
         self._rng: dict | None = None
+        self.resumed_s = 0.0  # seconds of fitting the loaded checkpoint held (0: a fresh fit)
+        self._started = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
@@ -116,7 +126,8 @@ class EpochCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["poisonbench"] = {"rng": rng_state(),
-                                     "curve": [[int(e), float(a)] for e, a in getattr(pl_module, "curve", [])]}
+                                     "curve": [[int(e), float(a)] for e, a in getattr(pl_module, "curve", [])],
+                                     "seconds": self.resumed_s + time.perf_counter() - self._started}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         extra = checkpoint.get("poisonbench") or {}
@@ -124,6 +135,7 @@ class EpochCheckpoint(L.Callback):
             pl_module.curve = [(int(e), float(a)) for e, a in extra.get("curve", [])]
         self._resumed = True
         self._rng = extra.get("rng") if trainer.world_size == 1 else None
+        self.resumed_s = float(extra.get("seconds", 0.0))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._resumed:
@@ -150,6 +162,31 @@ class EpochBar(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._bar.__exit__(None, None, None)
+
+
+def fits_alone(train: dict) -> bool:
+    """Whether a fit with the ``train`` recipe is this process's alone: one device, and
+    no process group of several around it (torchmetrics syncs a fit's metrics over such
+    a group, so its other ranks must fit at the same time). Only such a fit keeps a
+    resumable checkpoint beside a cache entry and is made under the entry's lock."""
+    if in_process_group():
+        return False
+    if any(name in str(train.get("strategy", "auto")) for name in ("ddp", "fsdp", "deepspeed")):
+        return False
+    devices = train.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        return len(devices) <= 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) <= 1
+    if devices in ("auto", -1, "-1"):
+        return str(train.get("accelerator", "auto")) == "cpu" or torch.cuda.device_count() <= 1
+    return int(devices) <= 1
+
+
+def resumed_seconds(trainer: L.Trainer) -> float:
+    """The seconds of fitting that the checkpoint ``trainer`` resumed from held (0 for a
+    fresh fit or one without checkpoints)."""
+    return sum(c.resumed_s for c in trainer.callbacks if isinstance(c, EpochCheckpoint))
 
 
 def build_trainer(train: dict, job_dir: Path | None, *, fast_dev_run: bool = False,

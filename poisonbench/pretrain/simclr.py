@@ -22,9 +22,11 @@ one device.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -37,9 +39,11 @@ from poisonbench.data.module import PoisonedDataModule
 from poisonbench.errors import ConfigError
 from poisonbench.pretrain.lars import LARS
 from poisonbench.pretrain.views import ViewParams, random_view
-from poisonbench.fitting.trainer import build_trainer
+from poisonbench.fitting.trainer import CHECKPOINT_FILE, build_trainer, resumed_seconds
 
 OPTIMIZERS = ("sgd", "lars")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -179,16 +183,26 @@ class SimCLRModule(L.LightningModule):
 
 
 def train_simclr(model: nn.Module, aux: ImageSet, params: SimCLRParams, *, seed: int = 0,
-                 accelerator: str = "auto") -> dict:
+                 accelerator: str = "auto", work_dir: Path | None = None) -> tuple[dict, float]:
     """Pre-train ``model``'s backbone on ``aux`` (labels unused) in place; returns
-    ``{"loss": …}``, the mean NT-Xent loss of the last epoch."""
+    ``{"loss": …}``, the mean NT-Xent loss of the last epoch, and the seconds of the
+    interrupted runs it continued (0 for a fresh run).
+
+    With a ``work_dir``, the training state (backbone, projection head, optimiser,
+    schedule, random streams) is checkpointed there every epoch and a checkpoint found
+    there is resumed from, to the backbone an uninterrupted run gives (bit-identical on
+    one CPU process; ``fitting.trainer.EpochCheckpoint``)."""
     train = {"epochs": params.epochs, "accelerator": accelerator, "devices": 1}
     data = PoisonedDataModule(aux, aux, store=None, batch_size=params.batch_size, seed=seed)
     module = SimCLRModule(model, params)
-    trainer = build_trainer(train, None)
+    ckpt = Path(work_dir) / CHECKPOINT_FILE if work_dir is not None else None
+    trainer = build_trainer(train, None, checkpoint=ckpt)
+    resume = ckpt if ckpt is not None and ckpt.is_file() else None
+    if resume is not None:
+        log.warning("resuming SimCLR pre-training from its checkpoint %s", resume)
     with warnings.catch_warnings():
         # The data module offers its (unused) evaluation loader; SimCLR has no validation.
         warnings.filterwarnings("ignore", ".*no `validation_step`.*")
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     loss = trainer.callback_metrics.get("train/loss")
-    return {"loss": float(loss) if loss is not None else None}
+    return {"loss": float(loss) if loss is not None else None}, resumed_seconds(trainer)

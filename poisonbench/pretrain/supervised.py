@@ -11,6 +11,7 @@ and flip), so the recipe is a victim recipe: by default the shortcuts paper's
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from poisonbench.data.imageset import ImageSet
 from poisonbench.errors import ConfigError
@@ -63,14 +64,17 @@ RECIPES: dict[str, SupervisedParams] = {"digits": DIGITS}
 
 
 def train_supervised(model: ImageClassifier, aux: ImageSet, params: SupervisedParams, *, seed: int = 0,
-                     eval_set: ImageSet | None = None, accelerator: str = "auto") -> dict:
+                     eval_set: ImageSet | None = None, accelerator: str = "auto",
+                     work_dir: Path | None = None) -> tuple[dict, float]:
     """Train ``model`` (whose head has ``aux.num_classes`` outputs) on ``aux`` in place.
 
     Returns ``{"eval_acc": …}``, the clean accuracy (%) on ``eval_set`` (default: ``aux``
-    itself, without augmentation) after the last epoch.
+    itself, without augmentation) after the last epoch, and the seconds of the
+    interrupted runs it continued from ``work_dir``'s checkpoint (``fit_clean``).
     """
     train = {**params.train_config(), "accelerator": accelerator, "devices": 1,
              "eval_every": params.epochs}  # one evaluation, after the last epoch
-    fitted = fit_clean(model, aux, train, seed=seed, eval_set=eval_set if eval_set is not None else aux)
+    fitted = fit_clean(model, aux, train, seed=seed, eval_set=eval_set if eval_set is not None else aux,
+                       work_dir=work_dir)
     acc = fitted.trainer.callback_metrics.get("val/acc")
-    return {"eval_acc": float(acc) if acc is not None else None}
+    return {"eval_acc": float(acc) if acc is not None else None}, fitted.resumed_s
