@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from poisonbench.artifacts import partial_dir, read_cost
 from poisonbench.attacks.surrogate import SurrogateRecipe, trained_model
+from poisonbench.defenses import build_defense
 from poisonbench.fitting.base_model import base_model, base_model_config
 from poisonbench.fitting.fit import fit_clean
 from poisonbench.fitting.trainer import CHECKPOINT_FILE, EpochCheckpoint
@@ -285,3 +286,24 @@ def test_only_a_one_device_fit_is_resumable_and_locked():
     for several in ({"devices": 2}, {"devices": "0,1"}, {"devices": [0, 1]}, {"devices": 1, "strategy": "ddp"},
                     {"devices": "2"}):
         assert not fits_alone(several), several
+
+
+@pytest.mark.parametrize("name, params", [("random_noise", {}), ("cutmix", {"prob": 1.0}), ("dp_sgd", {"noise": 0.01})])
+def test_a_stopped_defended_fit_resumes_to_the_uninterrupted_weights(digits, one_thread, tmp_path, name, params):
+    """A defense's draws are keyed by its count of batches or steps; the checkpoint keeps
+    the count, so the resumed epochs draw what the uninterrupted ones drew."""
+    train, _ = digits
+
+    def fitted(work: Path):
+        with torch.random.fork_rng(devices=[]):
+            L.seed_everything(0, verbose=False)
+            model = build_model("small_cnn", 10, **WIDTH)
+            fit_clean(model, train, dict(RECIPE), seed=0, hooks=build_defense(name, params), work_dir=work)
+        return model.state_dict()
+
+    whole = fitted(tmp_path / "whole")
+    with stop_after_epoch(1), pytest.raises(Stopped):
+        fitted(tmp_path / "stopped")
+    state = torch.load(tmp_path / "stopped" / CHECKPOINT_FILE, weights_only=True)
+    assert min(state["defense_state"].values()) > 0  # the count so far travels in the checkpoint
+    assert same_weights(whole, fitted(tmp_path / "stopped"))

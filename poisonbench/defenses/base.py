@@ -97,6 +97,14 @@ class Defense:
     def on_train_epoch_start(self, epoch: int) -> None:
         """Training enters ``epoch`` (0-based; also after a resume from a checkpoint)."""
 
+    def state_dict(self) -> dict[str, int]:
+        """The counters this defense's random draws depend on, for a training checkpoint:
+        a run resumed from it draws what the uninterrupted run draws."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Take back the counters of ``state_dict`` (a checkpoint's)."""
+
     def prepare_model(self, model: ImageClassifier, num_classes: int, *, config: Mapping | None = None,
                       data_root: str | None = None) -> ImageClassifier:
         """The network to train (the victim as built, or a replacement). ``config`` is the

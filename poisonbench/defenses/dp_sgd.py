@@ -21,8 +21,8 @@ DDP: the hook runs on every rank after the gradient all-reduce, so every rank ho
 the same gradient; the noise comes from a generator seeded by (``seed``, the number
 of optimiser steps this defense has seen) only, the same on every rank, so the
 replicas stay identical. Parameters are visited in the optimiser's order. The count
-restarts with the process: a run resumed from a checkpoint draws the noise of the
-first steps again.
+travels in a training checkpoint (``state_dict``): a resumed run draws the noise the
+uninterrupted run would.
 
 Cost: one pass over the gradients for the norm and one ``randn`` of the model's size
 per step (``make bench``, section ``training_defenses``).
@@ -71,6 +71,12 @@ class DPSGD(Defense):
     def __init__(self, params=None) -> None:
         super().__init__(params)
         self.steps = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state) -> None:
+        self.steps = int(state.get("steps", 0))
 
     def on_before_optimizer_step(self, model: ImageClassifier, optimizer: torch.optim.Optimizer) -> None:
         stepped = stepped_parameters(optimizer)

@@ -35,7 +35,8 @@ def numpy_stream(*keys: object) -> np.random.Generator:
 class BatchDraws:
     """Mixin of a per-batch defense: the keys of each batch's stream, (its name, its
     ``seed``, the DDP rank, the batches it has handled so far), so each rank draws its
-    own and a run is reproducible rank by rank. The count restarts with the process."""
+    own and a run is reproducible rank by rank. The count travels in a training
+    checkpoint (``state_dict``), so a resumed run goes on drawing where it stopped."""
 
     calls: int = 0  # batches handled (per instance once the first one is drawn)
 
@@ -44,3 +45,9 @@ class BatchDraws:
         keys = (name, seed, rank, self.calls)
         self.calls += 1
         return keys
+
+    def state_dict(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state) -> None:
+        self.calls = int(state.get("calls", 0))

@@ -47,7 +47,9 @@ TRAINED_SCENARIOS = ("scratch", "finetune", "transfer")
 
 class TrainingHooks(Protocol):
     """What a defense may do inside training: replace the batch, touch the gradients,
-    know the epoch."""
+    know the epoch; and the state its random draws depend on (counts of batches or steps),
+    which a checkpoint keeps so that a resumed run draws what the uninterrupted one would.
+    Hooks without ``state_dict`` have no such state."""
 
     def on_train_batch(self, model: torch.nn.Module, images: torch.Tensor,
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -189,6 +191,16 @@ class VictimModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.defense is not None:
             self.defense.on_before_optimizer_step(self.model, optimizer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = getattr(self.defense, "state_dict", None)
+        if state is not None:
+            checkpoint["defense_state"] = {key: int(value) for key, value in state().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load = getattr(self.defense, "load_state_dict", None)
+        if load is not None and "defense_state" in checkpoint:
+            load(checkpoint["defense_state"])
 
     def configure_optimizers(self):
         cfg = self.train_cfg
