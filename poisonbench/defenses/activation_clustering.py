@@ -61,6 +61,9 @@ def reduced(x: np.ndarray, reduce: str, dims: int, seed: int) -> np.ndarray:
         return PCA(n_components=dims, random_state=seed).fit_transform(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # Features of a barely trained network (a fast-dev-run) are near rank-deficient:
+        # scikit-learn then suggests SVD whitening on every call; the result stands as is.
+        warnings.filterwarnings("ignore", message="There are some small singular values")
         # eigh whitening: the same components as the default SVD's, several times faster
         # when the samples outnumber the features (5,000 × 512: ~4×).
         return FastICA(n_components=dims, whiten="unit-variance", whiten_solver="eigh", max_iter=1000, tol=0.005,
